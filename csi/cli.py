@@ -1,0 +1,98 @@
+"""`fusecsi`: the command line. Subcommands: node, controller, all, fuse."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import anyio
+
+from csi.settings import Settings, SettingsError, load_settings
+
+SERVE_COMMANDS = {
+    "node": ("run the CSI node plugin (Identity + Node)", True, False),
+    "controller": ("run the CSI controller plugin (Identity + Controller)", False, True),
+    "all": ("run node and controller in one process, on one socket", True, True),
+}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (keys: the settings below)")
+    for spec in fields(Settings):
+        flag = "--" + spec.metadata.get("flag", spec.name.replace("_", "-"))
+        help_text = f"{spec.metadata['doc']} [env FUSECSI_{spec.name.upper()}]"
+        if spec.metadata.get("multi"):
+            parser.add_argument(flag, dest=spec.name, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=spec.name, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusecsi",
+        description="A CSI driver for shared FUSE filesystems, with per-volume mount strategies.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (description, _, _) in SERVE_COMMANDS.items():
+        sub = commands.add_parser(name, help=description, description=description)
+        _add_settings_flags(sub)
+    fuse = commands.add_parser(
+        "fuse",
+        help="serve fusecsi's passthrough FUSE filesystem (what inprocess runs per volume)",
+        description="Mount SOURCE at MOUNTPOINT through fusecsi's passthrough filesystem, which "
+        "enforces a capacity and read-only mode. Runs until SIGTERM; unmounts on exit.",
+    )
+    fuse.add_argument("source", type=Path, help="backing directory")
+    fuse.add_argument(
+        "mountpoint", help="where to mount (or /dev/fd/N for an already opened /dev/fuse)"
+    )
+    fuse.add_argument("--capacity", type=int, default=0, help="capacity in bytes (0: unlimited)")
+    fuse.add_argument(
+        "--capacity-file", type=Path, help="JSON file with capacityBytes, re-read when it changes"
+    )
+    fuse.add_argument(
+        "--read-only", action="store_true", help="refuse every modification with EROFS"
+    )
+    fuse.add_argument("--fsname", default="fusecsi", help="source name shown in the mount table")
+    fuse.add_argument(
+        "--ready-fd", type=int, help="write 'ready' to this fd once the mount is live"
+    )
+    fuse.add_argument("--debug", action="store_true", help="log every FUSE request")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "fuse":
+        from strategies.inprocess.serve import FilesystemOptions, run_filesystem
+
+        return run_filesystem(
+            FilesystemOptions(
+                source=args.source,
+                mountpoint=Path(args.mountpoint),
+                capacity_bytes=args.capacity,
+                capacity_file=args.capacity_file,
+                read_only=args.read_only,
+                fsname=args.fsname,
+                ready_fd=args.ready_fd,
+                debug=args.debug,
+            )
+        )
+    _, node, controller = SERVE_COMMANDS[args.command]
+    flags = {spec.name: getattr(args, spec.name) for spec in fields(Settings)}
+    try:
+        settings = load_settings(config_file=args.config, environ=os.environ, flags=flags)
+    except SettingsError as exc:
+        print(f"fusecsi: {exc}", file=sys.stderr)
+        return 2
+
+    from csi.driver import run_driver
+    from csi.logging import configure_logging
+
+    configure_logging(settings)
+    anyio.run(lambda: run_driver(settings, node=node, controller=controller), backend="asyncio")
+    return 0

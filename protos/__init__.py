@@ -1,0 +1,1 @@
+"""Generated CSI bindings (betterproto); regenerate with protos/generate.sh, never edit by hand."""

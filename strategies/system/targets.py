@@ -1,0 +1,119 @@
+"""Publishing a directory at a target by bind mount, releasing a target, measuring a mount.
+
+Shared by every strategy whose last step is a bind mount (all of them but the sidecar's direct
+FUSE mount). Each function is idempotent and safe on dead FUSE mounts; each system call that
+can touch a FUSE server runs through `run_blocking`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from strategies.base import VolumeStats
+from strategies.errors import AlreadyExists, FailedPrecondition, NotFound
+from strategies.system import mounts
+from strategies.system.blocking import run_blocking
+
+
+def _bind_root(source: Path, table: list[mounts.MountEntry]) -> tuple[str, str] | None:
+    """(device, root inside that device) a bind of `source` shows in mountinfo."""
+    best: mounts.MountEntry | None = None
+    text = os.fspath(source)
+    for entry in table:
+        point = entry.mount_point
+        if (text == point or text.startswith(point.rstrip("/") + "/")) and (
+            best is None or len(point) >= len(best.mount_point)
+        ):
+            best = entry
+    if best is None:
+        return None
+    rest = os.path.relpath(text, best.mount_point)
+    root = os.path.normpath(os.path.join(best.root, rest)) if rest != "." else best.root
+    return best.device, root
+
+
+def _bind_blocking(source: Path, target: Path, flags: int) -> bool:
+    """Bind unless the target already shows exactly this source; True when a mount was made."""
+    table = mounts.mount_table()
+    current = mounts.mounted_at(target, table)
+    if current is not None:
+        broken = mounts.probe(target)
+        wanted = _bind_root(source, table)
+        if broken is None and wanted == (current.device, current.root):
+            return False
+        if broken is None:
+            raise AlreadyExists(
+                f"{target} already holds another mount ({current.source} {current.root})"
+            )
+        # A dead mount (FUSE server gone) is replaced: that is how a target recovers.
+        while mounts.mounted_at(target) is not None:
+            mounts.unmount(target, detach=True)
+    mounts.bind(source, target, flags=flags)
+    return True
+
+
+async def bind_target(
+    source: Path, target: Path, *, readonly: bool, mount_flags: tuple[str, ...]
+) -> bool:
+    """Bind-mount `source` at `target` with the request's flags; a no-op when already done."""
+    flags = mounts.parse_mount_flags(mount_flags, field="volume_capability.mount.mount_flags")
+    if readonly:
+        flags |= mounts.MS_RDONLY
+    return await run_blocking(f"bind mount at {target}", _bind_blocking, source, target, flags)
+
+
+def _release_blocking(target: Path) -> int:
+    count = 0
+    while mounts.mounted_at(target) is not None:
+        if not mounts.unmount(target):
+            break
+        count += 1
+    return count
+
+
+async def release_target(target: Path) -> int:
+    """Unmount everything stacked on `target` (dead FUSE mounts included); returns how many."""
+    return await run_blocking(f"unmount of {target}", _release_blocking, target)
+
+
+def _check_directory(path: Path, what: str) -> None:
+    try:
+        if not path.is_dir():
+            raise NotFound(f"{what} {path} is not a directory")
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise NotFound(f"{what} {path} does not exist") from exc
+        raise FailedPrecondition(f"{what} {path} cannot be read: {exc.strerror}") from exc
+
+
+async def check_directory(path: Path, what: str) -> None:
+    """Raise NotFound unless `path` is an existing directory (with a hang guard)."""
+    await run_blocking(f"checking {path}", _check_directory, path, what)
+
+
+def _stats_blocking(path: Path) -> VolumeStats:
+    if mounts.mounted_at(path) is None:
+        return VolumeStats(abnormal=True, message=f"{path} is not mounted")
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        return VolumeStats(abnormal=True, message=f"mount at {path} is broken: {exc.strerror}")
+    size = st.f_frsize or st.f_bsize
+    return VolumeStats(
+        total_bytes=st.f_blocks * size,
+        used_bytes=(st.f_blocks - st.f_bfree) * size,
+        available_bytes=st.f_bavail * size,
+        total_inodes=st.f_files,
+        used_inodes=st.f_files - st.f_ffree,
+        available_inodes=st.f_favail,
+    )
+
+
+async def filesystem_stats(path: Path) -> VolumeStats:
+    """statvfs of a mount; an abnormal result (not an error) when the mount is dead or gone."""
+    try:
+        return await run_blocking(f"statfs of {path}", _stats_blocking, path)
+    except Exception as exc:  # a hung mount is a condition to report, not a failed call
+        return VolumeStats(abnormal=True, message=str(exc))
