@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 
+from csi.client import add_client_parser, run_client
 from csi.settings import Settings, SettingsError, load_settings
 
 SERVE_COMMANDS = {
@@ -62,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-fd", type=int, help="write 'ready' to this fd once the mount is live"
     )
     fuse.add_argument("--debug", action="store_true", help="log every FUSE request")
+    add_client_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "client":
+        return run_client(args)
     if args.command == "fuse":
         from strategies.inprocess.serve import FilesystemOptions, run_filesystem
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Run csi-sanity (kubernetes-csi/csi-test) against fusecsi, once per strategy.
+# Usage: hack/sanity.sh [STRATEGY...]   (default: every strategy that runs without a cluster)
+# For each strategy it prints csi-sanity's "Ran N of M Specs" line and "N passed, N failed";
+# the last line sums them up. Exit status: non-zero when any spec failed.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+strategies=("$@")
+((${#strategies[@]})) || strategies=(hostPath inprocess)
+"$REPO_ROOT/hack/go-tools.sh"
+sanity=$FUSECSI_CACHE/bin/csi-sanity-$CSI_SANITY_VERSION
+
+total_passed=0 total_failed=0 status=0
+for strategy in "${strategies[@]}"; do
+  work=$(mktemp -d /tmp/fusecsi-sanity.XXXXXX)
+  mkdir -p "$work/data" "$work/mnt"
+  printf 'strategy: %s\n' "$strategy" >"$work/parameters.yaml"
+  "$VENV/bin/fusecsi" all \
+    --endpoint "unix://$work/csi.sock" --node-id sanity-node \
+    --root "default=$work/data" --allowed-target-dir "$work/mnt" \
+    --state-dir "$work/state" --default-strategy "$strategy" \
+    --log-level DEBUG >"$work/driver.log" 2>&1 &
+  driver=$!
+  for _ in $(seq 100); do [[ -S $work/csi.sock ]] && break; sleep 0.1; done
+
+  set +e
+  "$sanity" -csi.endpoint "unix://$work/csi.sock" \
+    -csi.mountdir "$work/mnt/target" -csi.stagingdir "$work/mnt/staging" \
+    -csi.testvolumeparameters "$work/parameters.yaml" \
+    -csi.testvolumeexpandsize 2147483648 \
+    -ginkgo.junit-report "$work/junit.xml" >"$work/sanity.log" 2>&1
+  result=$?
+  set -e
+  kill -TERM "$driver" 2>/dev/null; wait "$driver" 2>/dev/null || true
+
+  ran=$(grep -m1 -E '^Ran [0-9]+ of [0-9]+ Specs' "$work/sanity.log" || echo "Ran ? of ? Specs (no summary)")
+  summary=$(grep -m1 -E '(SUCCESS|FAIL)! -- ' "$work/sanity.log" || true)
+  passed=$(sed -nE 's/.* ([0-9]+) Passed.*/\1/p' <<<"$summary")
+  failed=$(sed -nE 's/.* ([0-9]+) Failed.*/\1/p' <<<"$summary")
+  passed=${passed:-0} failed=${failed:-0}
+  if ((result != 0)) && ((failed == 0)); then failed=1; fi
+  echo "csi-sanity [$strategy]: $ran"
+  echo "csi-sanity [$strategy]: $passed passed, $failed failed"
+  if ((failed)); then
+    status=1
+    grep -E '^\s*\[FAIL\]|^  \[FAILED\]|• \[FAILED\]' "$work/sanity.log" | head -40 || true
+    echo "(full log: $work/sanity.log, driver log: $work/driver.log)"
+  else
+    rm -rf "$work"
+  fi
+  total_passed=$((total_passed + passed)) total_failed=$((total_failed + failed))
+done
+echo "sanity: $total_passed passed, $total_failed failed"
+exit $status
