@@ -15,7 +15,7 @@ from csi.errors import invalid
 from csi.requests import StrategySet, capability, required_id, required_path
 from protos.csi import v1 as csi
 from strategies.base import Publication, Secrets
-from strategies.errors import AlreadyExists, FusecsiError, NotFound
+from strategies.errors import AlreadyExists, FailedPrecondition, FusecsiError, NotFound
 from strategies.publications import PublicationRecords
 from strategies.system.blocking import run_blocking
 from strategies.system.locks import KeyedLocks
@@ -75,6 +75,7 @@ class NodeService(csi.NodeBase, HasGate):
             context=request.volume_context,
             readonly=request.readonly or cap.read_only_mode,
             mount_flags=cap.mount_flags,
+            single_writer=cap.single_writer,
         )
         secrets = Secrets(request.secrets)
         async with self.target_locks.hold(target):
@@ -84,6 +85,7 @@ class NodeService(csi.NodeBase, HasGate):
                     f"target_path {target} already holds volume {existing.volume_id} "
                     "with other parameters; unpublish it first"
                 )
+            self._check_single_writer(publication)
             await run_blocking(f"creating {target}", _make_target, target)
             if existing is None:
                 await run_blocking(
@@ -122,6 +124,16 @@ class NodeService(csi.NodeBase, HasGate):
             self.published.pop(target, None)
         return csi.NodeUnpublishVolumeResponse()
 
+    def _check_single_writer(self, publication: Publication[Any]) -> None:
+        """A ReadWriteOncePod volume is published at one target at a time, on this node."""
+        for other in self.published.values():
+            shared = other.volume_id == publication.volume_id and other.target != publication.target
+            if shared and (publication.single_writer or other.single_writer):
+                raise FailedPrecondition(
+                    f"volume {publication.volume_id} is single-writer (ReadWriteOncePod) and "
+                    f"already published at {other.target}"
+                )
+
     def _publication_at(self, volume_id: str, path: Path) -> Publication[Any]:
         publication = self.published.get(path)
         if publication is None or publication.volume_id != volume_id:
@@ -133,7 +145,7 @@ class NodeService(csi.NodeBase, HasGate):
         self, request: csi.NodeGetVolumeStatsRequest
     ) -> csi.NodeGetVolumeStatsResponse:
         volume_id = required_id(request.volume_id)
-        path = required_path(request.volume_path, (), "volume_path")
+        path = Path(required_id(request.volume_path, "volume_path"))
         publication = self._publication_at(volume_id, path)
         stats = await self.strategies.by_name[publication.strategy].stats(publication)
         unit = csi.VolumeUsageUnit
@@ -160,7 +172,7 @@ class NodeService(csi.NodeBase, HasGate):
         self, request: csi.NodeExpandVolumeRequest
     ) -> csi.NodeExpandVolumeResponse:
         volume_id = required_id(request.volume_id)
-        path = required_path(request.volume_path, (), "volume_path")
+        path = Path(required_id(request.volume_path, "volume_path"))
         capacity = request.capacity_range.required_bytes or request.capacity_range.limit_bytes
         if capacity < 0:
             raise invalid("capacity_range", "must not be negative")

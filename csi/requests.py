@@ -19,18 +19,17 @@ from strategies.base import PodRef, Publication, Strategy
 from strategies.params import Parameters, without_reserved
 from strategies.system.paths import check_target
 
-MAX_ID_LENGTH = 128  # the CSI spec's limit for a volume ID a CO must accept
-
 POD_NAME = "csi.storage.k8s.io/pod.name"
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 POD_UID = "csi.storage.k8s.io/pod.uid"
 
 
 def required_id(value: str, field: str = "volume_id") -> str:
+    """A non-empty string field. Lengths are not limited here: an ID made elsewhere is looked up."""
     if not value:
         raise invalid(field, "is required")
-    if len(value) > MAX_ID_LENGTH or "\x00" in value:
-        raise invalid(field, f"must be at most {MAX_ID_LENGTH} bytes without NUL")
+    if "\x00" in value:
+        raise invalid(field, "must not contain NUL bytes")
     return value
 
 
@@ -46,6 +45,10 @@ class MountCapability:
 
     access_mode: csi.VolumeCapabilityAccessModeMode
     mount_flags: tuple[str, ...]
+
+    @property
+    def single_writer(self) -> bool:
+        return self.access_mode == csi.VolumeCapabilityAccessModeMode.SINGLE_NODE_SINGLE_WRITER
 
     @property
     def read_only_mode(self) -> bool:
@@ -127,6 +130,7 @@ class StrategySet:
         context: Mapping[str, str],
         readonly: bool,
         mount_flags: tuple[str, ...],
+        single_writer: bool = False,
         where: str = "volume_context",
     ) -> Publication[Any]:
         strategy, params = self.select(context, where)
@@ -137,6 +141,7 @@ class StrategySet:
             parameters=dict(params),
             readonly=readonly,
             mount_flags=mount_flags,
+            single_writer=single_writer,
             spec=strategy.parse(params),
             pod=pod_ref(context),
         )
@@ -150,6 +155,7 @@ class StrategySet:
             context=context,
             readonly=record["readonly"],
             mount_flags=tuple(record["mountFlags"]),
+            single_writer=record.get("singleWriter", False),
         )
         pod = record.get("pod")
         return replace(publication, pod=PodRef(**pod)) if pod else publication

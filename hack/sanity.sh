@@ -28,7 +28,7 @@ for strategy in "${strategies[@]}"; do
   "$sanity" -csi.endpoint "unix://$work/csi.sock" \
     -csi.mountdir "$work/mnt/target" -csi.stagingdir "$work/mnt/staging" \
     -csi.testvolumeparameters "$work/parameters.yaml" \
-    -csi.testvolumeexpandsize 2147483648 \
+    -ginkgo.no-color \
     -ginkgo.junit-report "$work/junit.xml" >"$work/sanity.log" 2>&1
   result=$?
   set -e

@@ -68,6 +68,8 @@ class Publication(Generic[SpecT]):
     readonly: bool
     mount_flags: tuple[str, ...]
     spec: SpecT = field(compare=False)
+    single_writer: bool = False
+    """ReadWriteOncePod (SINGLE_NODE_SINGLE_WRITER): no other target may hold the volume."""
     pod: PodRef | None = field(default=None, compare=False)
 
     def same_request(self, other: Publication[Any]) -> bool:
@@ -78,6 +80,7 @@ class Publication(Generic[SpecT]):
             and dict(self.parameters) == dict(other.parameters)
             and self.readonly == other.readonly
             and sorted(self.mount_flags) == sorted(other.mount_flags)
+            and self.single_writer == other.single_writer
         )
 
     def to_json(self) -> str:
@@ -88,6 +91,7 @@ class Publication(Generic[SpecT]):
             "parameters": dict(self.parameters),
             "readonly": self.readonly,
             "mountFlags": list(self.mount_flags),
+            "singleWriter": self.single_writer,
         }
         if self.pod:
             record["pod"] = {

@@ -9,6 +9,7 @@ application cannot edit its own quota. Volume IDs have the form `<root>/<name>`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -96,7 +97,18 @@ class VolumeRecord:
 
     @property
     def volume_id(self) -> str:
-        return f"{self.root}/{self.name}"
+        return volume_id_for(self.root, self.name)
+
+
+MAX_VOLUME_ID = 128  # CSI: a volume ID must not exceed 128 bytes
+
+
+def volume_id_for(root: str, name: str) -> str:
+    """`<root>/<name>`, with the name replaced by its digest when the ID would pass 128 bytes."""
+    volume_id = f"{root}/{name}"
+    if len(volume_id.encode()) <= MAX_VOLUME_ID:
+        return volume_id
+    return f"{root}/h-{hashlib.sha256(name.encode()).hexdigest()[:40]}"
 
 
 def split_volume_id(volume_id: str) -> tuple[str, str] | None:
@@ -119,8 +131,8 @@ class VolumeStore:
         parts = split_volume_id(volume_id)
         if parts is None or parts[0] not in self.roots:
             return None
-        root, name = parts
-        return self.roots.path(root, field="volume_id") / META_DIR / "volumes" / f"{name}.json"
+        root, key = parts
+        return self.roots.path(root, field="volume_id") / META_DIR / "volumes" / f"{key}.json"
 
     async def get(self, volume_id: str) -> VolumeRecord | None:
         path = self.record_file(volume_id)
@@ -257,7 +269,7 @@ def _archive(root: Path, record: VolumeRecord) -> Path | None:
     if not directory.exists() or directory == root:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = root / META_DIR / "archive" / f"{record.name}-{stamp}"
+    target = root / META_DIR / "archive" / f"{record.volume_id.partition('/')[2]}-{stamp}"
     target.parent.mkdir(parents=True, exist_ok=True)
     directory.rename(target)
     return target
