@@ -17,7 +17,7 @@ from strategies.params import parse_size
 MOUNT = csi.VolumeCapability(
     mount=csi.VolumeCapabilityMountVolume(),
     access_mode=csi.VolumeCapabilityAccessMode(
-        mode=csi.VolumeCapabilityAccessModeMode.MULTI_NODE_MULTI_WRITER
+        mode=csi.VolumeCapabilityAccessModeMode.MULTI_NODE_MULTI_WRITER  # type: ignore[arg-type]
     ),
 )
 

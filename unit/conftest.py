@@ -62,7 +62,11 @@ def driver_settings(tmp_path: Path) -> Settings:
 async def driver(driver_settings: Settings) -> AsyncIterator[DriverHandle]:
     settings = driver_settings
     async with anyio.create_task_group() as tasks:
-        await tasks.start(lambda task_status: run_driver(settings, node=True, controller=True, task_status=task_status))
+        await tasks.start(
+            lambda task_status: run_driver(
+                settings, node=True, controller=True, task_status=task_status
+            )
+        )
         channel = Channel(path=settings.endpoint.removeprefix("unix://"))
         try:
             yield DriverHandle(
@@ -82,5 +86,7 @@ async def driver(driver_settings: Settings) -> AsyncIterator[DriverHandle]:
 def mount_capability() -> Iterator[csi.VolumeCapability]:
     yield csi.VolumeCapability(
         mount=csi.VolumeCapabilityMountVolume(),
-        access_mode=csi.VolumeCapabilityAccessMode(mode=csi.VolumeCapabilityAccessModeMode.MULTI_NODE_MULTI_WRITER),
+        access_mode=csi.VolumeCapabilityAccessMode(
+            mode=csi.VolumeCapabilityAccessModeMode.MULTI_NODE_MULTI_WRITER
+        ),
     )
