@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from strategies.base import VolumeStats
@@ -80,12 +81,13 @@ async def release_target(target: Path) -> int:
 
 def _check_directory(path: Path, what: str) -> None:
     try:
-        if not path.is_dir():
-            raise NotFound(f"{what} {path} is not a directory")
+        mode = os.stat(path).st_mode
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             raise NotFound(f"{what} {path} does not exist") from exc
         raise FailedPrecondition(f"{what} {path} cannot be read: {exc.strerror}") from exc
+    if not stat.S_ISDIR(mode):
+        raise NotFound(f"{what} {path} is not a directory")
 
 
 async def check_directory(path: Path, what: str) -> None:
