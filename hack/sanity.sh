@@ -42,6 +42,16 @@ for strategy in "${strategies[@]}"; do
   if ((result != 0)) && ((failed == 0)); then failed=1; fi
   echo "csi-sanity [$strategy]: $ran"
   echo "csi-sanity [$strategy]: $passed passed, $failed failed"
+  # Every skipped spec names the capability fusecsi does not advertise: show them grouped.
+  [[ -f $work/junit.xml ]] && "$VENV/bin/python" - "$work/junit.xml" "$strategy" <<'PY'
+import collections, sys, xml.etree.ElementTree as ET
+reasons = collections.Counter(
+    (case.find("skipped").get("message") or "").removeprefix("skipped - ")
+    for case in ET.parse(sys.argv[1]).getroot().iter("testcase")
+    if case.find("skipped") is not None
+)
+print(f"csi-sanity [{sys.argv[2]}]: skipped: " + "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items())))
+PY
   if ((failed)); then
     status=1
     grep -E '^\s*\[FAIL\]|^  \[FAILED\]|• \[FAILED\]' "$work/sanity.log" | head -40 || true
