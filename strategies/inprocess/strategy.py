@@ -193,11 +193,16 @@ class InprocessStrategy(Strategy[InprocessSpec]):
         capacity_file = self.volumes.record_file(publication.volume_id)
         if capacity_file is not None:
             argv += ["--capacity-file", os.fspath(capacity_file)]
+        previous = self._sessions.get(publication.volume_id)
         session = Session(publication.volume_id, source, mountpoint, argv)
         await self._launch(session)
         self._sessions[publication.volume_id] = session
         assert self._tasks is not None
         self._tasks.start_soon(self._supervise, session, name=f"inprocess-{publication.volume_id}")
+        if previous is not None:
+            # A session whose supervisor gave up: its targets come back with the new one.
+            for old in previous.targets.values():
+                await self._bind(session, old)
         return session
 
     async def _launch(self, session: Session) -> None:
