@@ -170,6 +170,20 @@ remove_iptables() {
     done
 }
 
+# The iptables-nft backend leaves its tables behind once empty. Drop those that did not exist
+# before up.sh and hold no rule any more; anything with a rule belongs to someone else.
+remove_nft_tables() {
+    local before=$CLUSTER_DIR/nft-tables.before t
+    command -v nft >/dev/null && [[ -e $before ]] || return 0
+    while read -r t; do
+        grep -qxF "$t" "$before" && continue
+        # shellcheck disable=SC2086  # "table FAMILY NAME" split on purpose
+        if ! nft list $t | awk '/^\t\t/ && !/^\t\ttype / { found = 1 } END { exit !found }'; then
+            nft delete ${t#table } 2>/dev/null || true
+        fi
+    done < <(nft list tables)
+}
+
 restore_sysctls() {
     local saved=$CLUSTER_DIR/sysctl.saved line
     [[ -s $saved ]] || return 0
@@ -206,6 +220,9 @@ remove_state() {
         done
         rmdir /var/log/containers 2>/dev/null || true
     fi
+    # containerd's shims keep their sockets in /run/containerd/s whatever the state dir; they
+    # remove them on exit, leaving empty directories behind.
+    rmdir /run/containerd/s /run/containerd 2>/dev/null || true
     # --one-file-system: never descend into a mount that unmount_all somehow missed.
     rm -rf --one-file-system "$KUBELET_DIR"
     if [[ -d $CLUSTER_DIR ]]; then
@@ -223,6 +240,7 @@ main() {
     unmount_all
     remove_links
     remove_iptables
+    remove_nft_tables
     remove_cgroups
     restore_sysctls
     remove_state

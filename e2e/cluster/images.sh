@@ -9,7 +9,8 @@
 # Source it to reuse the functions (oci_image_from_rootfs is meant for the driver image too), or
 # run it:   images.sh build [NAME...]     build (or reuse) archives, print their paths
 #           images.sh import [NAME...]    build and import into the running cluster's containerd
-# NAMEs: pause busybox csi-provisioner csi-resizer (default: all).
+# NAMEs: pause busybox csi-provisioner csi-resizer fusecsi-registrar fusecsi-livenessprobe
+# (default: all).
 
 set -euo pipefail
 
@@ -24,8 +25,11 @@ IMAGE_CACHE=$FUSECSI_CACHE/images
 PAUSE_IMAGE=registry.k8s.io/pause:3.10
 BUSYBOX_IMAGE=fusecsi.local/busybox:1.35
 # kubernetes-csi sidecars: name, Go module, version, main package (relative to the module).
+# The newest release of each that builds from the Go module proxy reachable here: provisioner
+# v6.4.0 needs sig-storage-lib-external-provisioner v13.1.0, which the proxy refuses. All work
+# with Kubernetes 1.33 (they switch VolumeAttributesClass support off when its v1 API is absent).
 SIDECARS=(
-    "csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 v6.4.0 cmd/csi-provisioner"
+    "csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 v6.3.0 cmd/csi-provisioner"
     "csi-resizer github.com/kubernetes-csi/external-resizer/v2 v2.3.0 cmd/csi-resizer"
 )
 
@@ -124,10 +128,13 @@ _cached_image() {
     log "building image $ref"
     mkdir -p "$IMAGE_CACHE"
     rootfs=$(mktemp -d "$IMAGE_CACHE/.rootfs.XXXXXX")
-    mapfile -t entry < <("$builder" "$rootfs")
-    ((${#entry[@]} > 0)) || die "image builder $builder failed"
+    if ! "$builder" "$rootfs" >"$rootfs.entry"; then
+        rm -rf "$rootfs" "$rootfs.entry"
+        die "image builder $builder failed for $ref"
+    fi
+    mapfile -t entry <"$rootfs.entry"
     archive=$(oci_image_from_rootfs "$rootfs" "$ref" "${entry[@]}")
-    rm -rf "$rootfs"
+    rm -rf "$rootfs" "$rootfs.entry"
     echo "$archive" >"$stamp"
     echo "$archive"
 }
@@ -228,6 +235,52 @@ build_sidecar_image() {
     die "unknown sidecar: $want"
 }
 
+# --- fusecsi's stand-ins for node-driver-registrar and livenessprobe -----------------------------------
+# The upstream modules cannot be fetched here (the module proxy refuses them), so
+# e2e/cluster/sidecars has small implementations of the same roles, with the same main flags.
+# Their tag only changes by hand; the archive is rebuilt whenever their source changes.
+STANDIN_VERSION=0.1.0
+REGISTRAR_IMAGE=fusecsi.local/fusecsi-registrar:$STANDIN_VERSION
+LIVENESSPROBE_IMAGE=fusecsi.local/fusecsi-livenessprobe:$STANDIN_VERSION
+
+_standin_source_key() {
+    (cd "$E2E_CLUSTER_SRC/sidecars" && find . -type f \( -name '*.go' -o -name 'go.*' \) -print0 |
+        sort -z | xargs -0 sha256sum; go version) | sha256sum | cut -c1-16
+}
+
+build_standin_binaries() {
+    local dir key
+    key=$(_standin_source_key)
+    dir=$FUSECSI_CACHE/sidecars/fusecsi-standins/$key
+    if [[ ! -x $dir/bin/fusecsi-registrar || ! -x $dir/bin/fusecsi-livenessprobe ]]; then
+        log "building fusecsi-registrar and fusecsi-livenessprobe"
+        mkdir -p "$dir/bin"
+        (cd "$E2E_CLUSTER_SRC/sidecars" && CGO_ENABLED=0 nice_run go build -trimpath \
+            -ldflags "-s -w -X main.version=$STANDIN_VERSION" -o "$dir/bin/" ./cmd/... >&2) || return 1
+    fi
+    echo "$dir/bin"
+}
+
+_standin_rootfs() {
+    local root=$1 bindir
+    bindir=$(build_standin_binaries) || return 1
+    mkdir -p "$root/tmp"
+    chmod 1777 "$root/tmp"
+    cp "$bindir/$STANDIN_NAME" "$root/$STANDIN_NAME"
+    echo "/$STANDIN_NAME"
+}
+
+build_standin_image() {
+    STANDIN_NAME=$1
+    local ref
+    case $STANDIN_NAME in
+        fusecsi-registrar) ref=$REGISTRAR_IMAGE ;;
+        fusecsi-livenessprobe) ref=$LIVENESSPROBE_IMAGE ;;
+        *) die "unknown stand-in: $STANDIN_NAME" ;;
+    esac
+    _cached_image "$STANDIN_NAME" "$(_standin_source_key)" "$ref" _standin_rootfs
+}
+
 # --- import ---------------------------------------------------------------------------------------
 # Imports an archive into the cluster's containerd (namespace k8s.io, which the CRI uses) unless
 # an image with the same name and manifest digest is already there.
@@ -242,13 +295,14 @@ import_image() {
     ctr -a "$CONTAINERD_SOCK" -n k8s.io images import "$archive" >/dev/null
 }
 
-ALL_IMAGES=(pause busybox csi-provisioner csi-resizer)
+ALL_IMAGES=(pause busybox csi-provisioner csi-resizer fusecsi-registrar fusecsi-livenessprobe)
 
 build_image() {
     case $1 in
         pause) build_pause_image ;;
         busybox) build_busybox_image ;;
         csi-*) build_sidecar_image "$1" ;;
+        fusecsi-registrar | fusecsi-livenessprobe) build_standin_image "$1" ;;
         *) die "unknown image: $1 (known: ${ALL_IMAGES[*]})" ;;
     esac
 }

@@ -119,8 +119,9 @@ wait_for() {
 }
 
 # --- Host packages ------------------------------------------------------------------------------
-DEBIAN_PACKAGES=(containerd runc containernetworking-plugins etcd-server iptables conntrack ipset
-    busybox-static openssl gcc libc6-dev)
+# nftables: kube-proxy's cleanup and down.sh use `nft`.
+DEBIAN_PACKAGES=(containerd runc containernetworking-plugins etcd-server iptables nftables conntrack
+    ipset busybox-static openssl curl gcc libc6-dev)
 
 ensure_debian_packages() {
     local missing=() p

@@ -17,9 +17,10 @@ source "$E2E_CLUSTER_SRC/images.sh"
 [[ $(id -u) == 0 ]] || die "must run as root (mounts, cgroups, iptables)"
 
 # --- PKI --------------------------------------------------------------------------------------------
-# new_cert NAME CN ORG SANS KEYUSAGE: a key and a CA-signed cert in $PKI_DIR, unless present.
+# new_cert NAME CN ORG SANS KEYUSAGE [CA]: a key and a cert signed by CA (default: ca) in
+# $PKI_DIR, unless present.
 new_cert() {
-    local name=$1 cn=$2 org=$3 sans=$4 usage=$5 subj="/CN=$2" ext
+    local name=$1 cn=$2 org=$3 sans=$4 usage=$5 ca=${6:-ca} subj="/CN=$2" ext
     [[ -s $PKI_DIR/$name.crt ]] && return 0
     [[ -n $org ]] && subj="/O=$org/CN=$cn"
     ext=$(mktemp)
@@ -31,21 +32,29 @@ new_cert() {
     } >"$ext"
     openssl req -new -newkey rsa:2048 -nodes -keyout "$PKI_DIR/$name.key" -subj "$subj" \
         -out "$PKI_DIR/$name.csr" 2>/dev/null
-    openssl x509 -req -in "$PKI_DIR/$name.csr" -CA "$PKI_DIR/ca.crt" -CAkey "$PKI_DIR/ca.key" \
+    openssl x509 -req -in "$PKI_DIR/$name.csr" -CA "$PKI_DIR/$ca.crt" -CAkey "$PKI_DIR/$ca.key" \
         -CAcreateserial -days 365 -sha256 -extfile "$ext" -out "$PKI_DIR/$name.crt" 2>/dev/null
     rm -f "$ext" "$PKI_DIR/$name.csr"
+}
+
+# new_ca NAME CN: a self-signed CA in $PKI_DIR, unless present.
+new_ca() {
+    [[ -s $PKI_DIR/$1.crt ]] && return 0
+    openssl req -x509 -new -newkey rsa:2048 -nodes -keyout "$PKI_DIR/$1.key" -days 365 \
+        -subj "/CN=$2" -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+        -out "$PKI_DIR/$1.crt" 2>/dev/null
 }
 
 make_pki() {
     mkdir -p "$PKI_DIR"
     chmod 700 "$PKI_DIR"
-    if [[ ! -s $PKI_DIR/ca.crt ]]; then
-        log "generating certificates in $PKI_DIR"
-        openssl req -x509 -new -newkey rsa:2048 -nodes -keyout "$PKI_DIR/ca.key" -days 365 \
-            -subj "/CN=fusecsi-cluster-ca" -addext "basicConstraints=critical,CA:TRUE" \
-            -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
-            -out "$PKI_DIR/ca.crt" 2>/dev/null
-    fi
+    [[ -s $PKI_DIR/ca.crt ]] || log "generating certificates in $PKI_DIR"
+    new_ca ca fusecsi-cluster-ca
+    # Aggregation layer (front proxy), as a real cluster has it: a separate CA whose client
+    # cert the apiserver presents to aggregated API servers.
+    new_ca front-proxy-ca fusecsi-front-proxy-ca
+    new_cert front-proxy-client front-proxy-client "" "" clientAuth front-proxy-ca
     local api_sans="DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
     api_sans+=",DNS:kubernetes.default.svc.cluster.local,DNS:localhost,DNS:$NODE_NAME"
     api_sans+=",IP:127.0.0.1,IP:$API_SERVICE_IP,IP:$NODE_IP"
@@ -67,10 +76,24 @@ make_pki() {
     fi
 }
 
+# install_file DEST [MODE]: stdin becomes DEST, atomically and only if the content changed.
+# Running components must not see a rewrite of their config: kube-proxy exits when its config
+# file changes, which would make a second up.sh restart it.
+install_file() {
+    local dest=$1 mode=${2:-644}
+    cat >"$dest.tmp"
+    chmod "$mode" "$dest.tmp"
+    if cmp -s "$dest.tmp" "$dest"; then
+        rm -f "$dest.tmp"
+    else
+        mv "$dest.tmp" "$dest"
+    fi
+}
+
 # write_kubeconfig FILE USER CERTNAME: credentials embedded, so the file can be copied anywhere.
 write_kubeconfig() {
     local file=$1 user=$2 cert=$3
-    cat >"$file.tmp" <<EOF
+    install_file "$file" 600 <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -88,8 +111,6 @@ contexts:
   context: {cluster: fusecsi, user: $user}
 current-context: $user@fusecsi
 EOF
-    chmod 600 "$file.tmp"
-    mv "$file.tmp" "$file"
 }
 
 # --- Configuration files ----------------------------------------------------------------------------
@@ -106,7 +127,7 @@ write_configs() {
     # CRI must clamp the scores kubelet asks for instead of failing container creation.
     # netns_mounts_under_state_dir: pod network namespaces live under our state dir, not
     # /var/run/netns, so down.sh can find exactly ours.
-    cat >"$CONF_DIR/containerd.toml" <<EOF
+    install_file "$CONF_DIR/containerd.toml" <<EOF
 version = 2
 root = "$CONTAINERD_ROOT"
 state = "$CONTAINERD_STATE"
@@ -141,7 +162,7 @@ EOF
 
     # CNI: a bridge with host-local addresses, plus portmap for hostPort. No masquerading: pods
     # only need to reach this host (the apiserver), and nothing may leave the machine.
-    cat >"$CNI_CONF_DIR/10-$CNI_NETWORK_NAME.conflist" <<EOF
+    install_file "$CNI_CONF_DIR/10-$CNI_NETWORK_NAME.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
   "name": "$CNI_NETWORK_NAME",
@@ -166,9 +187,9 @@ EOF
 
     # No cluster DNS: pods get a resolver that answers nothing rather than the host's resolver,
     # so no pod traffic is sent off the machine.
-    printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' >"$CONF_DIR/resolv.conf"
+    printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' | install_file "$CONF_DIR/resolv.conf"
 
-    cat >"$CONF_DIR/kubelet.yaml" <<EOF
+    install_file "$CONF_DIR/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $NODE_IP
@@ -207,7 +228,7 @@ EOF
     # kube-proxy in iptables mode provides the kubernetes service (10.0.0.1:443 -> apiserver)
     # and every other ClusterIP service. It must leave host-wide conntrack sysctls alone, and not
     # enable route_localnet (only needed for NodePorts on 127.0.0.1).
-    cat >"$CONF_DIR/kube-proxy.yaml" <<EOF
+    install_file "$CONF_DIR/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection:
@@ -219,6 +240,7 @@ bindAddress: $NODE_IP
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 oomScoreAdj: 0
+nodePortAddresses: [primary]
 conntrack:
   maxPerCore: 0
   min: 0
@@ -238,6 +260,12 @@ HOST_SYSCTLS=(net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables net.bridge.
 
 setup_host_network() {
     local s
+    # Remember which nftables tables existed, so down.sh can drop the (empty) ones that the
+    # iptables-nft backend creates for our rules, and no others.
+    if [[ ! -e $CLUSTER_DIR/nft-tables.before ]]; then
+        nft list tables >"$CLUSTER_DIR/nft-tables.before.tmp"
+        mv "$CLUSTER_DIR/nft-tables.before.tmp" "$CLUSTER_DIR/nft-tables.before"
+    fi
     if [[ ! -s $CLUSTER_DIR/sysctl.saved ]]; then
         for s in "${HOST_SYSCTLS[@]}"; do
             echo "$s=$(sysctl -n "$s")"
@@ -297,6 +325,12 @@ start_control_plane() {
         --kubelet-client-key "$p/apiserver-kubelet-client.key" \
         --kubelet-certificate-authority "$p/ca.crt" \
         --kubelet-preferred-address-types InternalIP \
+        --requestheader-client-ca-file "$p/front-proxy-ca.crt" \
+        --requestheader-allowed-names front-proxy-client \
+        --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+        --requestheader-extra-headers-prefix X-Remote-Extra- \
+        --proxy-client-cert-file "$p/front-proxy-client.crt" \
+        --proxy-client-key-file "$p/front-proxy-client.key" \
         --service-account-issuer https://kubernetes.default.svc.cluster.local \
         --service-account-key-file "$p/sa.pub" --service-account-signing-key-file "$p/sa.key" \
         --v 1
@@ -343,8 +377,10 @@ main() {
     start=$(date +%s)
     ensure_debian_packages
     build_kube
-    local images=() name
-    for name in "${ALL_IMAGES[@]}"; do
+    # FUSECSI_CLUSTER_IMAGES picks the images to build and import (default: all of images.sh).
+    local images=() name wanted=()
+    read -r -a wanted <<<"${FUSECSI_CLUSTER_IMAGES:-${ALL_IMAGES[*]}}"
+    for name in "${wanted[@]}"; do
         images+=("$(build_image "$name")")
     done
 
