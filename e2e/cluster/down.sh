@@ -73,14 +73,12 @@ kill_strays() {
 }
 
 stop_all() {
-    local c
     # Node agents first, so that nothing restarts the containers killed next.
-    stop_component kubelet 20
-    stop_component kube-proxy 20
+    stop_components 20 kubelet kube-proxy
     kill_containers
-    for c in kube-scheduler kube-controller-manager kube-apiserver etcd containerd; do
-        stop_component "$c" 20
-    done
+    stop_components 20 kube-scheduler kube-controller-manager kube-apiserver
+    # etcd last among the servers: the apiserver flushes to it on the way down.
+    stop_components 20 etcd containerd
     kill_strays
 }
 
@@ -179,7 +177,7 @@ remove_nft_tables() {
         grep -qxF "$t" "$before" && continue
         # shellcheck disable=SC2086  # "table FAMILY NAME" split on purpose
         if ! nft list $t | awk '/^\t\t/ && !/^\t\ttype / { found = 1 } END { exit !found }'; then
-            nft delete ${t#table } 2>/dev/null || true
+            nft delete $t 2>/dev/null || true
         fi
     done < <(nft list tables)
 }
@@ -235,6 +233,7 @@ remove_state() {
 }
 
 main() {
+    take_cluster_lock
     [[ -d $CLUSTER_DIR ]] || log "no cluster dir at $CLUSTER_DIR; cleaning up leftovers only"
     stop_all
     unmount_all

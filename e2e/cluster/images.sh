@@ -9,6 +9,7 @@
 # Source it to reuse the functions (oci_image_from_rootfs is meant for the driver image too), or
 # run it:   images.sh build [NAME...]     build (or reuse) archives, print their paths
 #           images.sh import [NAME...]    build and import into the running cluster's containerd
+#           images.sh import-archive FILE...   import archives built elsewhere (e.g. the driver's)
 # NAMEs: pause busybox csi-provisioner csi-resizer fusecsi-registrar fusecsi-livenessprobe
 # (default: all).
 
@@ -310,19 +311,24 @@ build_image() {
 images_main() {
     local cmd=${1:-} name archive
     shift || true
-    (($# > 0)) || set -- "${ALL_IMAGES[@]}"
     case $cmd in
         build)
+            (($# > 0)) || set -- "${ALL_IMAGES[@]}"
             for name in "$@"; do build_image "$name"; done
             ;;
         import)
+            (($# > 0)) || set -- "${ALL_IMAGES[@]}"
             for name in "$@"; do
                 archive=$(build_image "$name")
                 import_image "$archive"
             done
             ;;
+        import-archive)
+            for archive in "$@"; do import_image "$archive"; done
+            ;;
         *)
             echo "usage: $0 build|import [${ALL_IMAGES[*]}]" >&2
+            echo "       $0 import-archive OCI_ARCHIVE..." >&2
             return 2
             ;;
     esac

@@ -43,8 +43,6 @@ SERVICE_CIDR=10.0.0.0/24
 API_SERVICE_IP=10.0.0.1
 API_PORT=6443
 
-# Components in start order; down.sh stops them in reverse.
-COMPONENTS=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 log() { printf '%s [cluster] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -81,23 +79,37 @@ start_component() {
     echo $! >"$(pidfile "$name")"
 }
 
-# Sends SIGTERM, waits up to $2 seconds, then SIGKILL. Only ever the pid from our pidfile.
-stop_component() {
-    local name=$1 timeout=${2:-20} pid i
-    if pid=$(component_pid "$name"); then
-        log "stopping $name (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < timeout * 10; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "$name did not exit in ${timeout}s, killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-            sleep 0.2
+# stop_components TIMEOUT NAME...: SIGTERM to each running component, a wait of up to TIMEOUT
+# seconds for all of them together, then SIGKILL for any left. Only ever the pids from our
+# pidfiles (checked by component_pid).
+stop_components() {
+    local timeout=$1 name pid i alive
+    shift
+    local pids=()
+    for name in "$@"; do
+        if pid=$(component_pid "$name"); then
+            log "stopping $name (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
         fi
-    fi
-    rm -f "$(pidfile "$name")"
+    done
+    for ((i = 0; i < timeout * 10; i++)); do
+        alive=()
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive+=("$pid")
+        done
+        ((${#alive[@]} == 0)) && break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            log "pid $pid did not exit in ${timeout}s, killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    for name in "$@"; do
+        rm -f "$(pidfile "$name")"
+    done
 }
 
 # Polls a command until it succeeds; on timeout shows the component's log tail and fails.
@@ -116,6 +128,17 @@ wait_for() {
     done
     [[ -n $logname ]] && tail -n 30 "$LOG_DIR/$logname.log" >&2
     die "timed out after ${timeout}s waiting for $what"
+}
+
+# One up.sh or down.sh at a time: the cluster is machine-wide, and several people may share the
+# machine. The lock lives in the cache, not the cluster dir, so down.sh can delete the latter.
+take_cluster_lock() {
+    mkdir -p "$FUSECSI_CACHE"
+    exec {CLUSTER_LOCK_FD}>>"$FUSECSI_CACHE/cluster.lock"
+    if ! flock -n "$CLUSTER_LOCK_FD"; then
+        log "waiting for another up.sh/down.sh to finish"
+        flock -w 1800 "$CLUSTER_LOCK_FD" || die "timed out waiting for $FUSECSI_CACHE/cluster.lock"
+    fi
 }
 
 # --- Host packages ------------------------------------------------------------------------------

@@ -375,6 +375,7 @@ start_node() {
 main() {
     local start
     start=$(date +%s)
+    take_cluster_lock
     ensure_debian_packages
     build_kube
     # FUSECSI_CLUSTER_IMAGES picks the images to build and import (default: all of images.sh).
