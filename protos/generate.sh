@@ -20,13 +20,13 @@ PATH="$(dirname "$python"):$PATH" "$python" -m grpc_tools.protoc \
   -I "$spec_dir" -I "$include" --python_betterproto_out="$out" "$spec_dir/csi.proto" >/dev/null
 
 if [[ "${1:-}" == "--check" ]]; then
-  for f in csi/__init__.py csi/v1/__init__.py; do
-    cmp "$out/$f" "$here/$f" || { echo "protos/$f differs from a fresh generation: run protos/generate.sh" >&2; exit 1; }
-  done
+  cmp "$out/csi/v1/__init__.py" "$here/csi/v1/__init__.py" ||
+    { echo "protos/csi/v1/__init__.py differs from a fresh generation: run protos/generate.sh" >&2; exit 1; }
   echo "protos: bindings match csi.proto $SPEC_VERSION"
 else
   mkdir -p "$here/csi/v1"
-  cp "$out/csi/__init__.py" "$here/csi/__init__.py"
+  # The plugin writes the parent package's __init__.py only sometimes; ours is always empty.
+  : >"$here/csi/__init__.py"
   cp "$out/csi/v1/__init__.py" "$here/csi/v1/__init__.py"
   cp "$spec_dir/csi.proto" "$here/csi.proto"
   chmod 0644 "$here/csi.proto"

@@ -14,6 +14,7 @@ from grpclib.client import Channel
 from csi.driver import run_driver
 from csi.settings import Settings
 from protos.csi import v1 as csi
+from strategies.system import mounts
 
 ROOT_REASON = "needs root (mount(2)) and /dev/fuse: run the unit tests as root"
 needs_root = pytest.mark.skipif(
@@ -80,6 +81,17 @@ async def driver(driver_settings: Settings) -> AsyncIterator[DriverHandle]:
         finally:
             channel.close()
             tasks.cancel_scope.cancel()
+    release_mounts_below(
+        settings.allowed_target_dirs[0], settings.state_dir, settings.roots["default"]
+    )
+
+
+def release_mounts_below(*directories: Path) -> None:
+    """Detach whatever a test left mounted in its temporary directories (deepest first)."""
+    for entry in reversed(mounts.mount_table()):
+        point = Path(entry.mount_point)
+        if any(point.is_relative_to(directory) for directory in directories):
+            mounts.unmount(point, detach=True)
 
 
 @pytest.fixture

@@ -291,12 +291,15 @@ class InprocessStrategy(Strategy[InprocessSpec]):
         if self._sessions.get(session.volume_id) is session:
             del self._sessions[session.volume_id]
         process = session.process
-        if process is not None and process.returncode is None:
-            process.terminate()
-            with anyio.move_on_after(STOP_TIMEOUT, shield=True):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
+        if process is not None:
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.terminate()
+                    with anyio.move_on_after(STOP_TIMEOUT):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                await process.aclose()  # reaps it and closes its pipes
         await run_blocking(
             f"unmounting {session.mountpoint}", _clear_mountpoint, session.mountpoint
         )
