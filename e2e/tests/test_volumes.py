@@ -37,6 +37,29 @@ def pvc_manifest(
     )
 
 
+def static_pv_manifest(name: str, namespace: str, claim: str, attributes: dict[str, str]) -> str:
+    """A PV an admin writes by hand, bound in advance to one claim."""
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "claimRef": {"namespace": namespace, "name": claim},
+                "csi": {
+                    "driver": "csi.fusecsi.io",
+                    "volumeHandle": name,
+                    "volumeAttributes": attributes,
+                },
+            },
+        }
+    )
+
+
 def pod_manifest(
     name: str, claim: str, *, readonly: bool = False, command: str = "sleep 3600"
 ) -> str:
@@ -142,27 +165,11 @@ def test_a_static_volume_shows_existing_data(
     pv_name = f"{namespace}-static"
     try:
         kubectl.apply(
-            json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "PersistentVolume",
-                    "metadata": {"name": pv_name},
-                    "spec": {
-                        "capacity": {"storage": "1Gi"},
-                        "accessModes": ["ReadWriteMany"],
-                        "persistentVolumeReclaimPolicy": "Retain",
-                        "storageClassName": "",
-                        "claimRef": {"namespace": namespace, "name": "static"},
-                        "csi": {
-                            "driver": "csi.fusecsi.io",
-                            "volumeHandle": pv_name,
-                            "volumeAttributes": {
-                                "strategy": strategy,
-                                "path": str(directory.relative_to(DATA_ROOT)),
-                            },
-                        },
-                    },
-                }
+            static_pv_manifest(
+                pv_name,
+                namespace,
+                "static",
+                {"strategy": strategy, "path": str(directory.relative_to(DATA_ROOT))},
             )
         )
         kubectl.apply(
@@ -264,23 +271,8 @@ def test_a_path_outside_the_root_leaves_the_pod_waiting_with_an_event(
 ) -> None:
     pv_name = f"{namespace}-escape"
     kubectl.apply(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": pv_name},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "claimRef": {"namespace": namespace, "name": "escape"},
-                    "csi": {
-                        "driver": "csi.fusecsi.io",
-                        "volumeHandle": pv_name,
-                        "volumeAttributes": {"strategy": "hostPath", "path": "../../etc"},
-                    },
-                },
-            }
+        static_pv_manifest(
+            pv_name, namespace, "escape", {"strategy": "hostPath", "path": "../../etc"}
         )
     )
     try:
