@@ -48,10 +48,14 @@ class PublicationRecords:
 
     def save(self, target: Path, record_json: str) -> None:
         """Atomically write the record for `target` (blocking; small and on tmpfs)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self._file(target)
         temp = path.with_suffix(".tmp")
-        with temp.open("w") as handle:
+        try:
+            handle = temp.open("w")
+        except FileNotFoundError:  # the directory is made on first use, not stat'ed every time
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = temp.open("w")
+        with handle:
             handle.write(record_json)
             handle.flush()
             os.fsync(handle.fileno())

@@ -169,12 +169,18 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    """Parse the text of a mountinfo file (see proc(5))."""
+def parse_mountinfo(text: str, *, mount_point: str | None = None) -> list[MountEntry]:
+    """Parse the text of a mountinfo file (see proc(5)); only the lines of `mount_point`, if given.
+
+    The filter runs before an entry is built: a publish asks about one path, and a busy node's
+    table has hundreds of lines.
+    """
     entries = []
     for line in text.splitlines():
         fields = line.split()
         if not fields:
+            continue
+        if mount_point is not None and _unescape(fields[4]) != mount_point:
             continue
         sep = fields.index("-")
         entries.append(
@@ -195,19 +201,21 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return entries
 
 
+def _read_mountinfo() -> str:
+    return Path("/proc/self/mountinfo").read_text()
+
+
 def mount_table() -> list[MountEntry]:
     """The calling process's mount table; reading it never touches a FUSE server."""
-    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    return parse_mountinfo(_read_mountinfo())
 
 
 def mounts_at(path: Path, table: list[MountEntry] | None = None) -> list[MountEntry]:
-    """Every mount stacked on `path`, bottom first."""
+    """Every mount stacked on `path`, bottom first (one read of the table when none is given)."""
     where = os.path.normpath(os.fspath(path))
-    return [
-        entry
-        for entry in (table if table is not None else mount_table())
-        if entry.mount_point == where
-    ]
+    if table is None:
+        return parse_mountinfo(_read_mountinfo(), mount_point=where)
+    return [entry for entry in table if entry.mount_point == where]
 
 
 def mounted_at(path: Path, table: list[MountEntry] | None = None) -> MountEntry | None:

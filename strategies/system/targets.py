@@ -35,13 +35,24 @@ def _bind_root(source: Path, table: list[mounts.MountEntry]) -> tuple[str, str] 
     return best.device, root
 
 
-def _bind_blocking(source: Path, target: Path, flags: int) -> bool:
-    """Bind unless the target already shows exactly this source; True when a mount was made."""
-    table = mounts.mount_table()
-    current = mounts.mounted_at(target, table)
+def bind_flags(*, readonly: bool, mount_flags: tuple[str, ...]) -> int:
+    """The MS_* bits of a publish request's read-only bit and mount flags."""
+    flags = mounts.parse_mount_flags(mount_flags, field="volume_capability.mount.mount_flags")
+    if readonly:
+        flags |= mounts.MS_RDONLY
+    return flags
+
+
+def bind_blocking(source: Path, target: Path, flags: int) -> bool:
+    """Bind unless the target already shows exactly this source; True when a mount was made.
+
+    Blocking: call through `run_blocking` (or use `bind_target`). The usual case, an empty
+    target, reads only the target's lines of the mount table.
+    """
+    current = mounts.mounted_at(target)
     if current is not None:
         broken = mounts.probe(target)
-        wanted = _bind_root(source, table)
+        wanted = _bind_root(source, mounts.mount_table())
         if broken is None and wanted == (current.device, current.root):
             return False
         if broken is None:
@@ -59,15 +70,17 @@ async def bind_target(
     source: Path, target: Path, *, readonly: bool, mount_flags: tuple[str, ...]
 ) -> bool:
     """Bind-mount `source` at `target` with the request's flags; a no-op when already done."""
-    flags = mounts.parse_mount_flags(mount_flags, field="volume_capability.mount.mount_flags")
-    if readonly:
-        flags |= mounts.MS_RDONLY
-    return await run_blocking(f"bind mount at {target}", _bind_blocking, source, target, flags)
+    flags = bind_flags(readonly=readonly, mount_flags=mount_flags)
+    return await run_blocking(f"bind mount at {target}", bind_blocking, source, target, flags)
 
 
-def _release_blocking(target: Path) -> int:
+def release_blocking(target: Path) -> int:
+    """Unmount every mount stacked on `target`, top first; blocking (see `release_target`).
+
+    The table is read once: each umount2 on the path takes the top of the stack off.
+    """
     count = 0
-    while mounts.mounted_at(target) is not None:
+    for _ in mounts.mounts_at(target):
         if not mounts.unmount(target):
             break
         count += 1
@@ -76,10 +89,11 @@ def _release_blocking(target: Path) -> int:
 
 async def release_target(target: Path) -> int:
     """Unmount everything stacked on `target` (dead FUSE mounts included); returns how many."""
-    return await run_blocking(f"unmount of {target}", _release_blocking, target)
+    return await run_blocking(f"unmount of {target}", release_blocking, target)
 
 
-def _check_directory(path: Path, what: str) -> None:
+def check_directory_blocking(path: Path, what: str) -> None:
+    """Raise NotFound unless `path` is an existing directory; blocking (see `check_directory`)."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -92,7 +106,7 @@ def _check_directory(path: Path, what: str) -> None:
 
 async def check_directory(path: Path, what: str) -> None:
     """Raise NotFound unless `path` is an existing directory (with a hang guard)."""
-    await run_blocking(f"checking {path}", _check_directory, path, what)
+    await run_blocking(f"checking {path}", check_directory_blocking, path, what)
 
 
 def _stats_blocking(path: Path) -> VolumeStats:
