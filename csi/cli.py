@@ -13,6 +13,7 @@ import anyio
 
 from csi.client import add_client_parser, run_client
 from csi.settings import Settings, SettingsError, load_settings
+from strategies.inprocess.options import add_filesystem_arguments, filesystem_options
 
 SERVE_COMMANDS = {
     "node": ("run the CSI node plugin (Identity + Node)", True, False),
@@ -47,22 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount SOURCE at MOUNTPOINT through fusecsi's passthrough filesystem, which "
         "enforces a capacity and read-only mode. Runs until SIGTERM; unmounts on exit.",
     )
-    fuse.add_argument("source", type=Path, help="backing directory")
-    fuse.add_argument(
-        "mountpoint", help="where to mount (or /dev/fd/N for an already opened /dev/fuse)"
-    )
-    fuse.add_argument("--capacity", type=int, default=0, help="capacity in bytes (0: unlimited)")
-    fuse.add_argument(
-        "--capacity-file", type=Path, help="JSON file with capacityBytes, re-read when it changes"
-    )
-    fuse.add_argument(
-        "--read-only", action="store_true", help="refuse every modification with EROFS"
-    )
-    fuse.add_argument("--fsname", default="fusecsi", help="source name shown in the mount table")
-    fuse.add_argument(
-        "--ready-fd", type=int, help="write 'ready' to this fd once the mount is live"
-    )
-    fuse.add_argument("--debug", action="store_true", help="log every FUSE request")
+    add_filesystem_arguments(fuse)
     add_client_parser(commands)
     return parser
 
@@ -72,20 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "client":
         return run_client(args)
     if args.command == "fuse":
-        from strategies.inprocess.serve import FilesystemOptions, run_filesystem
+        from strategies.inprocess.serve import run_filesystem
 
-        return run_filesystem(
-            FilesystemOptions(
-                source=args.source,
-                mountpoint=Path(args.mountpoint),
-                capacity_bytes=args.capacity,
-                capacity_file=args.capacity_file,
-                read_only=args.read_only,
-                fsname=args.fsname,
-                ready_fd=args.ready_fd,
-                debug=args.debug,
-            )
-        )
+        return run_filesystem(filesystem_options(args))
     _, node, controller = SERVE_COMMANDS[args.command]
     flags = {spec.name: getattr(args, spec.name) for spec in fields(Settings)}
     try:

@@ -1,6 +1,6 @@
 """The passthrough FUSE filesystem: real mounts served by a real server process.
 
-Mount tests start `python -m strategies.inprocess.serve` with a ready pipe, like the node plugin
+Mount tests start `python -m strategies.inprocess` with a ready pipe, like the node plugin
 does, and always unmount in teardown (lazily if the server is gone). A few tests drive the
 filesystem object or the capacity tracker directly and need no root.
 """
@@ -90,7 +90,7 @@ def spawn_server(source: Path, mountpoint: Path, log: Path, *args: str) -> tuple
             [
                 sys.executable,
                 "-m",
-                "strategies.inprocess.serve",
+                "strategies.inprocess",
                 os.fspath(source),
                 os.fspath(mountpoint),
                 "--ready-fd",
@@ -620,7 +620,7 @@ def test_the_server_stops_and_unmounts_when_its_parent_dies(tmp_path: Path) -> N
             parent_script,
             sys.executable,
             "-m",
-            "strategies.inprocess.serve",
+            "strategies.inprocess",
             os.fspath(source),
             os.fspath(mountpoint),
             "--ready-fd",
@@ -698,7 +698,7 @@ def test_serves_a_dev_fuse_fd_that_someone_else_mounted(tmp_path: Path) -> None:
                 [
                     sys.executable,
                     "-m",
-                    "strategies.inprocess.serve",
+                    "strategies.inprocess",
                     os.fspath(source),
                     f"/dev/fd/{fuse_fd}",
                     "--ready-fd",

@@ -392,17 +392,22 @@ async def test_the_process_removes_a_stale_socket_and_stops_on_sigterm(tmp_path:
     )
     from grpclib.client import Channel
 
-    with anyio.fail_after(10):
-        while True:
-            try:
+    try:
+        with anyio.fail_after(10):
+            while True:
                 channel = Channel(path=str(socket_path))
-                ready = (await csi.IdentityStub(channel).probe(csi.ProbeRequest())).ready
-                channel.close()
-                if ready:
-                    break
-            except (OSError, GRPCError):
-                channel.close()
-            await anyio.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        assert await process.wait() == 0
-    assert not socket_path.exists()
+                try:
+                    if (await csi.IdentityStub(channel).probe(csi.ProbeRequest())).ready:
+                        break
+                except (OSError, GRPCError):
+                    pass
+                finally:
+                    channel.close()
+                await anyio.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+        assert not socket_path.exists()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()

@@ -155,7 +155,7 @@ def fusecsi_mount(source: Path, mountpoint: Path, extra: list[str]) -> Iterator[
         [
             sys.executable,
             "-m",
-            "strategies.inprocess.serve",
+            "strategies.inprocess",
             str(source),
             str(mountpoint),
             "--ready-fd",

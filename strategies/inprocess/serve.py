@@ -10,7 +10,6 @@ fails, the fd is closed without writing, so the parent reads EOF.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import logging
@@ -19,8 +18,6 @@ import re
 import resource
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -30,51 +27,11 @@ import pyfuse3.asyncio
 from loguru import logger
 
 from strategies.inprocess.fs import CapacityTracker, PassthroughFilesystem
+from strategies.inprocess.options import FilesystemOptions
 
-__all__ = ("FilesystemOptions", "main", "run_filesystem")
+__all__ = ("FilesystemOptions", "run_filesystem")
 
 _PR_SET_PDEATHSIG = 1
-_FD_MOUNTPOINT_PREFIX = "/dev/fd/"
-
-
-@dataclass(frozen=True)
-class FilesystemOptions:
-    """How to serve one passthrough mount."""
-
-    source: Path
-    """Backing directory that is mirrored."""
-    mountpoint: Path
-    """Where to mount, or ``/dev/fd/N`` for a /dev/fuse fd that a privileged process mounted."""
-    capacity_bytes: int = 0
-    """Capacity when no capacity file says otherwise; 0 means unlimited."""
-    capacity_file: Path | None = None
-    """JSON file ``{"capacityBytes": N}`` re-read on SIGHUP and when its mtime changes."""
-    read_only: bool = False
-    """Refuse every change with EROFS (and mount read-only when we mount ourselves)."""
-    fsname: str = "fusecsi"
-    """Source column of the mount table, so the node plugin can recognise its mounts."""
-    allow_other: bool = True
-    """Let users other than the server's own (i.e. the pods) use the mount."""
-    ready_fd: int | None = None
-    """Pipe fd that receives ``ready\\n`` once the mount is live, then is closed."""
-    debug: bool = False
-    """Log at debug level, with pyfuse3's messages and libfuse's trace of every request."""
-    rescan_interval: float = 60.0
-    """Seconds between usage rescans that correct changes made by other writers."""
-    cache_timeout: float = 1.0
-    """Seconds the kernel may cache entries and attributes (other nodes' changes lag this)."""
-    read_ahead_kb: int = 4096
-    """Kernel readahead for this mount (0 keeps the kernel's 128 KiB). FUSE reads arrive in
-    readahead-sized pieces, so a bigger window means 1 MiB requests and several in flight,
-    which matters more for a Python server than for a C one. Needs root and our own mount."""
-    writeback_cache: bool = False
-    """Kernel write-back caching: faster small writes, but ENOSPC then surfaces at close/fsync
-    instead of write(), and other nodes see our writes later. Off unless asked for."""
-
-    @property
-    def mounts_fd(self) -> bool:
-        """True when the mountpoint is an already mounted /dev/fuse fd (nothing to unmount)."""
-        return str(self.mountpoint).startswith(_FD_MOUNTPOINT_PREFIX)
 
 
 def run_filesystem(options: FilesystemOptions) -> int:
@@ -85,6 +42,8 @@ def run_filesystem(options: FilesystemOptions) -> int:
     they are; the kernel already applied the client's umask) and raises its RLIMIT_NOFILE soft
     limit; it is meant to own its process.
     """
+    logger.remove()  # this process is the server: its stderr goes to the supervising plugin
+    logger.add(sys.stderr, level="DEBUG" if options.debug else "INFO")
     _route_pyfuse3_logging(options.debug)
     _die_with_parent()
     _raise_open_file_limit()
@@ -336,41 +295,3 @@ def _route_pyfuse3_logging(debug: bool) -> None:
     pyfuse3_logger.handlers[:] = [_ToLoguru()]
     pyfuse3_logger.propagate = False
     pyfuse3_logger.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Thin command line for tests and benchmarks; `fusecsi fuse` is the real one."""
-    parser = argparse.ArgumentParser(prog="python -m strategies.inprocess.serve")
-    parser.add_argument("source", type=Path)
-    parser.add_argument("mountpoint", type=Path)
-    parser.add_argument("--capacity", type=int, default=0, help="bytes; 0 = unlimited")
-    parser.add_argument("--capacity-file", type=Path)
-    parser.add_argument("--read-only", action="store_true")
-    parser.add_argument("--fsname", default="fusecsi")
-    parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--rescan-interval", type=float, default=60.0)
-    parser.add_argument("--read-ahead-kb", type=int, default=4096)
-    parser.add_argument("--writeback-cache", action="store_true")
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
-    logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if args.debug else "INFO")
-    return run_filesystem(
-        FilesystemOptions(
-            source=args.source,
-            mountpoint=args.mountpoint,
-            capacity_bytes=args.capacity,
-            capacity_file=args.capacity_file,
-            read_only=args.read_only,
-            fsname=args.fsname,
-            ready_fd=args.ready_fd,
-            debug=args.debug,
-            rescan_interval=args.rescan_interval,
-            read_ahead_kb=args.read_ahead_kb,
-            writeback_cache=args.writeback_cache,
-        )
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())
