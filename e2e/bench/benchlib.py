@@ -120,13 +120,15 @@ def driver_argv(
     strategy: str = "hostPath",
     command: str = "node",
     program: Sequence[str] | None = None,
+    name: str = "csi",
 ) -> list[str]:
-    """`fusecsi node` with every path below `work` (`program` replaces the fusecsi command)."""
+    """`fusecsi node` with every path below `work`: socket `NAME.sock`, state dir `state/NAME`
+    (on the work dir's tmpfs). `program` replaces the fusecsi command."""
     return [
         *(program or fusecsi_command()),
         command,
         "--endpoint",
-        f"unix://{work}/csi.sock",
+        f"unix://{work}/{name}.sock",
         "--node-id",
         "bench-node",
         "--root",
@@ -134,7 +136,7 @@ def driver_argv(
         "--allowed-target-dir",
         f"{work}/mnt",
         "--state-dir",
-        f"{work}/state",
+        f"{work}/state/{name}",
         "--default-strategy",
         strategy,
     ]

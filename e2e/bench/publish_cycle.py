@@ -201,6 +201,21 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
                 fusecsi.cycle("bench-hostpath", mnt / "hostpath" / "target", {"path": "vol"}),
                 driver_pid,
             )
+        for label, command in args.other_driver:
+            processes.append(
+                start_server(
+                    benchlib.driver_argv(work, program=shlex.split(command), name=label),
+                    work / f"{label}.sock",
+                    work / f"{label}.log",
+                )
+            )
+            other = CsiNode(work / f"{label}.sock")
+            clients.append(other)
+            await other.ready(time.monotonic() + 30)
+            subjects[f"{label}: hostPath"] = (
+                other.cycle(f"bench-{label}", mnt / label / "target", {"path": "vol"}),
+                processes[-1].pid,
+            )
         cold = Samples("inprocess", driver_pid)
         if "inprocess" in args.strategies:
             context = {"strategy": "inprocess", "path": "vol"}
@@ -320,6 +335,15 @@ def main() -> int:
         "--driver-command",
         type=shlex.split,
         help="command that runs fusecsi (default: the fusecsi script next to this python)",
+    )
+    parser.add_argument(
+        "--other-driver",
+        action="append",
+        default=[],
+        type=lambda value: tuple(value.split("=", 1)),
+        metavar="LABEL=COMMAND",
+        help="one more fusecsi build to measure (hostPath) beside this one, e.g. "
+        "before='env -C /tmp/old .venv/bin/python -m csi'",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
     args = parser.parse_args()
