@@ -1,0 +1,384 @@
+"""Check that the Helm chart renders the same objects as the kustomize manifests.
+
+Run by hack/check-helm.sh, which builds helm first:
+
+    .venv/bin/python hack/check_helm.py --helm PATH [--kubectl kubectl]
+
+Each check prints PASS or FAIL with the reason (a unified diff per differing object for the
+comparison with kustomize); the last line is `helm-chart: N passed, N failed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import os
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "containers" / "helm" / "fusecsi"
+DEPLOY = REPO / "containers" / "deploy"
+RELEASE = "fusecsi"
+NAMESPACE = "fusecsi"
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+
+# Labels only Helm sets. They are left out of the comparison unless the kustomize output has
+# them too.
+HELM_ONLY_LABELS = {
+    "helm.sh/chart",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+}
+
+Obj = dict[str, Any]
+Key = tuple[str, str, str]
+
+
+class CheckFailed(Exception):
+    """A check's failure; the message says why."""
+
+
+# --- running the tools ---------------------------------------------------------------------------
+
+
+def run(argv: list[str], cwd: Path = REPO) -> str:
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise CheckFailed(
+            f"`{' '.join(argv)}` exited with {proc.returncode}:\n{proc.stderr.strip()}"
+        )
+    return proc.stdout
+
+
+def helm_template(helm: str, *extra: str) -> str:
+    return run(
+        [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra],
+    )
+
+
+def kustomize(kubectl: str) -> str:
+    """`kubectl kustomize` of an overlay that is base + examples, written to a temporary dir."""
+    with tempfile.TemporaryDirectory(prefix="fusecsi-check-helm-") as tmp:
+        # kustomize takes no absolute resource paths: name them relative to the overlay.
+        rel = os.path.relpath(DEPLOY, tmp)
+        Path(tmp, "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+            "kind: Kustomization\n"
+            "resources:\n"
+            f"  - {rel}/base\n"
+            f"  - {rel}/examples\n"
+        )
+        return run([kubectl, "kustomize", tmp])
+
+
+def parse(text: str) -> list[Obj]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def key_of(obj: Obj) -> Key:
+    meta = obj.get("metadata") or {}
+    return (obj.get("kind", "?"), meta.get("namespace", ""), meta.get("name", "?"))
+
+
+def show_key(key: Key) -> str:
+    kind, namespace, name = key
+    return f"{kind} {namespace + '/' if namespace else ''}{name}"
+
+
+def index(objs: Iterable[Obj]) -> dict[Key, Obj]:
+    out: dict[Key, Obj] = {}
+    for obj in objs:
+        key = key_of(obj)
+        if key in out:
+            raise CheckFailed(f"{show_key(key)} is rendered twice")
+        out[key] = obj
+    return out
+
+
+# --- normalizing ---------------------------------------------------------------------------------
+
+
+def label_maps(obj: Any) -> Iterable[dict[str, Any]]:
+    """Every labels map in an object: metadata.labels, template labels, selectors' matchLabels."""
+    if isinstance(obj, dict):
+        for name, value in obj.items():
+            if name in ("labels", "matchLabels") and isinstance(value, dict):
+                yield value
+            else:
+                yield from label_maps(value)
+    elif isinstance(obj, list):
+        for item in obj:
+            yield from label_maps(item)
+
+
+def drop_labels(obj: Any, names: set[str]) -> None:
+    """Remove the labels named from every labels map; remove labels maps left empty."""
+    if isinstance(obj, dict):
+        for name in list(obj):
+            value = obj[name]
+            if name in ("labels", "matchLabels") and isinstance(value, dict):
+                for label in names & set(value):
+                    del value[label]
+                if not value:
+                    del obj[name]
+            else:
+                drop_labels(value, names)
+    elif isinstance(obj, list):
+        for item in obj:
+            drop_labels(item, names)
+
+
+def normalize(obj: Obj, helm_only: set[str]) -> Obj:
+    out = copy.deepcopy(obj)
+    drop_labels(out, helm_only)
+    # TOML files in ConfigMaps are compared as what the driver reads, not as text.
+    if out.get("kind") == "ConfigMap":
+        for name, value in (out.get("data") or {}).items():
+            if name.endswith(".toml") and isinstance(value, str):
+                try:
+                    out["data"][name] = {"parsed TOML": tomllib.loads(value)}
+                except tomllib.TOMLDecodeError as exc:
+                    out["data"][name] = {"invalid TOML": str(exc), "text": value}
+    return out
+
+
+def dump(obj: Obj) -> list[str]:
+    text: str = yaml.safe_dump(obj, sort_keys=True, default_flow_style=False)
+    return text.splitlines(keepends=True)
+
+
+def compare(kustomized: list[Obj], rendered: list[Obj]) -> list[str]:
+    """The differences between the two object sets, readable; empty when they are the same."""
+    present = {label for labels in label_maps(kustomized) for label in labels}
+    helm_only = HELM_ONLY_LABELS - present
+    want = {k: normalize(v, helm_only) for k, v in index(kustomized).items()}
+    got = {k: normalize(v, helm_only) for k, v in index(rendered).items()}
+    problems = []
+    for key in sorted(want.keys() | got.keys()):
+        if key not in got:
+            problems.append(f"only in kustomize: {show_key(key)}\n")
+        elif key not in want:
+            problems.append(f"only in helm: {show_key(key)}\n")
+        elif want[key] != got[key]:
+            diff = difflib.unified_diff(
+                dump(want[key]),
+                dump(got[key]),
+                fromfile=f"kustomize: {show_key(key)}",
+                tofile=f"helm: {show_key(key)}",
+            )
+            problems.append("".join(diff))
+    return problems
+
+
+# --- looking into objects ------------------------------------------------------------------------
+
+
+def find(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
+    found = [
+        o for o in objs if o.get("kind") == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    if len(found) != 1:
+        raise CheckFailed(f"expected one {kind} {name or ''}, found {len(found)}")
+    return found[0]
+
+
+def pod_spec(objs: list[Obj], kind: str) -> Obj:
+    spec: Obj = find(objs, kind)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(spec: Obj, name: str) -> Obj:
+    for c in spec["containers"]:
+        if c["name"] == name:
+            return dict(c)
+    raise CheckFailed(f"no container {name}")
+
+
+def volume(spec: Obj, name: str) -> Obj:
+    for v in spec.get("volumes", []):
+        if v["name"] == name:
+            return dict(v)
+    raise CheckFailed(f"no volume {name}")
+
+
+def mount(c: Obj, name: str) -> Obj:
+    for m in c.get("volumeMounts", []):
+        if m["name"] == name:
+            return dict(m)
+    raise CheckFailed(f"container {c['name']} does not mount {name}")
+
+
+def expect(what: str, got: Any, want: Any) -> None:
+    if got != want:
+        raise CheckFailed(f"{what}: got {got!r}, want {want!r}")
+
+
+def config_toml(objs: list[Obj]) -> dict[str, Any]:
+    text = find(objs, "ConfigMap")["data"]["config.toml"]
+    return tomllib.loads(text)
+
+
+# --- the checks ----------------------------------------------------------------------------------
+
+
+def check_lint(helm: str, kubectl: str) -> None:
+    run([helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE])
+
+
+def check_same_as_kustomize(helm: str, kubectl: str) -> None:
+    kustomized = parse(kustomize(kubectl))
+    rendered = parse(helm_template(helm))
+    problems = compare(kustomized, rendered)
+    if problems:
+        raise CheckFailed(
+            f"{len(problems)} object(s) differ (- kustomize, + helm):\n" + "\n".join(problems)
+        )
+    print(f"  {len(rendered)} objects, the same in both")
+
+
+def check_kubelet_dir(helm: str, kubectl: str) -> None:
+    kubelet = "/data/kubelet"
+    text = helm_template(helm, "--set", f"kubeletDir={kubelet}")
+    left = [line.strip() for line in text.splitlines() if DEFAULT_KUBELET_DIR in line]
+    if left:
+        raise CheckFailed(f"{DEFAULT_KUBELET_DIR} is still rendered:\n  " + "\n  ".join(left))
+    objs = parse(text)
+    spec = pod_spec(objs, "DaemonSet")
+    plugin = container(spec, "fusecsi")
+    registrar = container(spec, "node-driver-registrar")
+    plugin_dir = f"{kubelet}/plugins/csi.fusecsi.io"
+    expect("kubelet-dir hostPath", volume(spec, "kubelet-dir")["hostPath"]["path"], kubelet)
+    expect("kubelet-dir mountPath", mount(plugin, "kubelet-dir")["mountPath"], kubelet)
+    expect("socket-dir hostPath", volume(spec, "socket-dir")["hostPath"]["path"], plugin_dir)
+    expect(
+        "registration-dir hostPath",
+        volume(spec, "registration-dir")["hostPath"]["path"],
+        f"{kubelet}/plugins_registry",
+    )
+    expect(
+        "--allowed-target-dir",
+        [a for a in plugin["args"] if a.startswith("--allowed-target-dir=")],
+        [f"--allowed-target-dir={kubelet}"],
+    )
+    expect(
+        "--kubelet-registration-path",
+        [a for a in registrar["args"] if a.startswith("--kubelet-registration-path=")],
+        [f"--kubelet-registration-path={plugin_dir}/csi.sock"],
+    )
+
+
+def check_custom_values(helm: str, kubectl: str) -> None:
+    """Several roots, another driver name and a log level reach every place they belong."""
+    driver = "fuse.example.com"
+    roots = {"default": "/mnt/jfs", "scratch": "/mnt/scratch"}
+    text = helm_template(
+        helm,
+        "--set",
+        f"driverName={driver}",
+        *[arg for name, path in roots.items() for arg in ("--set", f"roots.{name}={path}")],
+        "--set",
+        "logLevel=DEBUG",
+        "--set",
+        "controller.replicas=2",
+    )
+    objs = parse(text)
+    expect(
+        "config.toml",
+        config_toml(objs),
+        {
+            "default_strategy": "hostPath",
+            "log_format": "json",
+            "log_level": "DEBUG",
+            "roots": roots,
+        },
+    )
+    expect("CSIDriver name", find(objs, "CSIDriver")["metadata"]["name"], driver)
+    for sc in (o for o in objs if o["kind"] == "StorageClass"):
+        expect(f"StorageClass {sc['metadata']['name']} provisioner", sc["provisioner"], driver)
+    expect("controller replicas", find(objs, "Deployment")["spec"]["replicas"], 2)
+    for kind in ("DaemonSet", "Deployment"):
+        spec = pod_spec(objs, kind)
+        driver_container = container(spec, "fusecsi")
+        expect(
+            f"{kind} --driver-name", driver_container["args"].count(f"--driver-name={driver}"), 1
+        )
+        for name, path in roots.items():
+            expect(
+                f"{kind} volume root-{name}", volume(spec, f"root-{name}")["hostPath"]["path"], path
+            )
+            expect(
+                f"{kind} mount root-{name}",
+                mount(driver_container, f"root-{name}")["mountPath"],
+                path,
+            )
+    spec = pod_spec(objs, "DaemonSet")
+    expect(
+        "socket-dir hostPath",
+        volume(spec, "socket-dir")["hostPath"]["path"],
+        f"{DEFAULT_KUBELET_DIR}/plugins/{driver}",
+    )
+    registration = f"--kubelet-registration-path={DEFAULT_KUBELET_DIR}/plugins/{driver}/csi.sock"
+    expect(
+        "--kubelet-registration-path",
+        registration in container(spec, "node-driver-registrar")["args"],
+        True,
+    )
+
+
+def check_bad_values_fail(helm: str, kubectl: str) -> None:
+    """Values that would give broken objects fail the render, naming the value."""
+    cases = {
+        "roots.Scratch=/mnt/scratch": "roots: name",
+        "roots.scratch=relative/path": "must be an absolute host path",
+        "kubeletDir=var/lib/kubelet": "kubeletDir must be an absolute path",
+    }
+    for setting, message in cases.items():
+        try:
+            helm_template(helm, "--set", setting)
+        except CheckFailed as exc:
+            if message not in str(exc):
+                raise CheckFailed(f"--set {setting} failed without {message!r}: {exc}") from exc
+        else:
+            raise CheckFailed(f"--set {setting} rendered; it should fail with {message!r}")
+
+
+CHECKS: list[tuple[str, Callable[[str, str], None]]] = [
+    ("helm lint --strict", check_lint),
+    ("default values render the kustomize base + examples", check_same_as_kustomize),
+    ("kubeletDir=/data/kubelet leaves no /var/lib/kubelet", check_kubelet_dir),
+    ("roots, driverName, logLevel, replicas reach their places", check_custom_values),
+    ("bad values fail the render", check_bad_values_fail),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--helm", required=True, help="the helm binary (hack/helm.sh prints it)")
+    parser.add_argument("--kubectl", default=os.environ.get("KUBECTL", "kubectl"))
+    args = parser.parse_args()
+    passed = failed = 0
+    for name, check in CHECKS:
+        try:
+            check(args.helm, args.kubectl)
+        except CheckFailed as exc:
+            failed += 1
+            print(f"FAIL {name}\n{exc}\n", flush=True)
+        else:
+            passed += 1
+            print(f"PASS {name}", flush=True)
+    print(f"helm-chart: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
