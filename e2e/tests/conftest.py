@@ -26,7 +26,7 @@ def kubectl() -> Kubectl:
         pytest.skip(
             "no cluster: KUBECONFIG is not set (run e2e/run.sh, which brings the cluster up)"
         )
-    client = Kubectl(kubeconfig)
+    client = Kubectl(kubeconfig, binary=os.environ.get("KUBECTL", "kubectl"))
     try:
         client.run("get", "--raw", "/readyz", timeout=10)
     except Exception as exc:  # the reason names what is missing
