@@ -278,7 +278,7 @@ def check_kubelet_dir(helm: str, kubectl: str) -> None:
 
 
 def check_custom_values(helm: str, kubectl: str) -> None:
-    """Several roots, another driver name and a log level reach every place they belong."""
+    """Several roots, another driver name, a log level, ... reach every place they belong."""
     driver = "fuse.example.com"
     roots = {"default": "/mnt/jfs", "scratch": "/mnt/scratch"}
     text = helm_template(
@@ -290,8 +290,11 @@ def check_custom_values(helm: str, kubectl: str) -> None:
         "logLevel=DEBUG",
         "--set",
         "controller.replicas=2",
+        "--set",
+        "namespace.create=false",
     )
     objs = parse(text)
+    expect("Namespace objects", [o for o in objs if o["kind"] == "Namespace"], [])
     expect(
         "config.toml",
         config_toml(objs),
@@ -356,7 +359,7 @@ CHECKS: list[tuple[str, Callable[[str, str], None]]] = [
     ("helm lint --strict", check_lint),
     ("default values render the kustomize base + examples", check_same_as_kustomize),
     ("kubeletDir=/data/kubelet leaves no /var/lib/kubelet", check_kubelet_dir),
-    ("roots, driverName, logLevel, replicas reach their places", check_custom_values),
+    ("roots, driverName, logLevel, replicas, namespace.create", check_custom_values),
     ("bad values fail the render", check_bad_values_fail),
 ]
 
