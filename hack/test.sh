@@ -14,6 +14,7 @@ record() { # record NAME STATUS: one check that passes or fails as a whole
 count() { # count LOG PREFIX: add the "N passed, N failed" numbers a stage printed last
   local line p f
   line=$(grep -E "^(${2}: )?[0-9]+ passed, [0-9]+ failed" "$1" | tail -n1)
+  if [[ -z $line ]]; then failed=$((failed + 1)); echo "$2: printed no summary: counted as 1 failed"; return; fi
   p=$(sed -nE 's/^.*\b([0-9]+) passed.*/\1/p' <<<"$line"); f=$(sed -nE 's/^.*\b([0-9]+) failed.*/\1/p' <<<"$line")
   passed=$((passed + ${p:-0})) failed=$((failed + ${f:-0}))
 }
@@ -23,6 +24,11 @@ log "static checks"
 "$VENV/bin/ruff" format --check . >"$out/format.log" 2>&1; s=$?; record ruff-format $s; ((s)) && cat "$out/format.log"
 "$VENV/bin/mypy" >"$out/mypy.log" 2>&1; s=$?; record mypy-strict $s; ((s)) && cat "$out/mypy.log"
 protos/generate.sh --check >"$out/protos.log" 2>&1; s=$?; record protos-reproducible $s; ((s)) && cat "$out/protos.log"
+
+log "the Helm chart renders what kustomize renders"
+hack/check-helm.sh >"$out/helm.log" 2>&1; tail -n 1 "$out/helm.log"
+grep -q "helm-chart: [0-9]* passed, 0 failed" "$out/helm.log" || cat "$out/helm.log"
+count "$out/helm.log" helm-chart
 
 log "unit tests"
 "$VENV/bin/python" -m pytest unit -q -p no:cacheprovider --junitxml="$out/unit.xml" 2>&1 | tee "$out/unit.log" | tail -n 30
