@@ -75,7 +75,7 @@ start_component() {
         return 0
     fi
     log "starting $name"
-    setsid "$@" >>"$LOG_DIR/$name.log" 2>&1 </dev/null &
+    setsid "$@" >>"$LOG_DIR/$name.log" 2>&1 </dev/null 9>&- &
     echo $! >"$(pidfile "$name")"
 }
 
@@ -134,10 +134,12 @@ wait_for() {
 # machine. The lock lives in the cache, not the cluster dir, so down.sh can delete the latter.
 take_cluster_lock() {
     mkdir -p "$FUSECSI_CACHE"
-    exec {CLUSTER_LOCK_FD}>>"$FUSECSI_CACHE/cluster.lock"
-    if ! flock -n "$CLUSTER_LOCK_FD"; then
+    # A fixed fd, so that start_component can close it: a component inheriting it would hold
+    # the lock for as long as it runs.
+    exec 9>>"$FUSECSI_CACHE/cluster.lock"
+    if ! flock -n 9; then
         log "waiting for another up.sh/down.sh to finish"
-        flock -w 1800 "$CLUSTER_LOCK_FD" || die "timed out waiting for $FUSECSI_CACHE/cluster.lock"
+        flock -w 1800 9 || die "timed out waiting for $FUSECSI_CACHE/cluster.lock"
     fi
 }
 
