@@ -43,7 +43,6 @@ SERVICE_CIDR=10.0.0.0/24
 API_SERVICE_IP=10.0.0.1
 API_PORT=6443
 
-
 log() { printf '%s [cluster] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
