@@ -19,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+
+import anyio
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +97,7 @@ def workdir(name: str, *, tmpfs_state: bool = True) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so that every `finally` (unmounts) runs."""
+    """Outside the event loop: SIGTERM/SIGHUP raise KeyboardInterrupt, so `finally` blocks run."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -106,6 +108,45 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_bounded(measure: Callable[[Path], Awaitable[None]], work: Path, timeout: float) -> bool:
+    """Run `measure(work)` on an event loop for at most `timeout` seconds.
+
+    SIGTERM, SIGINT and SIGHUP cancel it (its `finally` blocks, which unpublish and stop the
+    servers, then run as usual). A signal raised as an exception inside the loop would land in
+    whatever callback runs at that moment, grpclib's included, and leave calls hanging.
+    Returns False when a signal or the time limit stopped it.
+    """
+    stopped = False
+
+    async def on_signal(scope: anyio.CancelScope) -> None:
+        nonlocal stopped
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for received in signals:
+                print(f"({signal.Signals(received).name}: stopping)", file=sys.stderr)
+                stopped = True
+                scope.cancel()
+                return
+
+    async def main() -> None:
+        with anyio.fail_after(timeout):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(on_signal, tasks.cancel_scope)
+                await measure(work)
+                tasks.cancel_scope.cancel()
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in handled}
+    try:
+        anyio.run(main, backend="asyncio")
+    except TimeoutError:
+        print(f"(gave up after {timeout:g}s: --timeout)", file=sys.stderr)
+        return False
+    finally:  # asyncio resets the handlers it used to the defaults, not to what they were
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return not stopped
 
 
 def fusecsi_command() -> list[str]:

@@ -114,9 +114,15 @@ def launch(argv: Sequence[str], socket: Path, log: Path) -> Server:
 
 
 async def publish_many(
-    server: Server, count: int, mnt: Path, prefix: str, context: dict[str, str]
-) -> list[tuple[str, Path]]:
-    published = []
+    server: Server,
+    count: int,
+    mnt: Path,
+    prefix: str,
+    context: dict[str, str],
+    published: list[tuple[str, Path]],
+) -> None:
+    """Publish `count` volumes, each at its own target; `published` grows as they succeed, so
+    that an interrupted run still unpublishes what it published."""
     for index in range(count):
         volume_id, target = f"{prefix}-{index}", mnt / prefix / f"pod-{index}" / "mount"
         await server.node.node_publish_volume(
@@ -128,7 +134,6 @@ async def publish_many(
             )
         )
         published.append((volume_id, target))
-    return published
 
 
 async def unpublish_all(server: Server, published: list[tuple[str, Path]]) -> None:
@@ -173,8 +178,13 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
             await server.until_ready(time.monotonic() + 30)
             await anyio.sleep(args.settle)
             idle = server.rss()
-            published = await publish_many(
-                server, args.volumes, work / "mnt", name.split()[0].lower(), {"path": "vol"}
+            await publish_many(
+                server,
+                args.volumes,
+                work / "mnt",
+                name.split()[0].lower(),
+                {"path": "vol"},
+                published,
             )
             await anyio.sleep(args.settle)
             loaded = server.rss()
@@ -237,12 +247,13 @@ async def measure_inprocess(
         await server.until_ready(time.monotonic() + 30)
         await anyio.sleep(args.settle)
         idle = server.rss()
-        published = await publish_many(
+        await publish_many(
             server,
             args.fuse_volumes,
             work / "mnt",
             "inprocess",
             {"strategy": "inprocess", "path": "vol"},
+            published,
         )
         await anyio.sleep(args.settle)
         plugin = server.rss()
@@ -285,12 +296,10 @@ def main() -> int:
         return 2
     print(f"node_footprint: {benchlib.machine()}")
 
-    async def bounded(work: Path) -> None:
-        with anyio.fail_after(args.timeout):
-            await measure(args, work)
-
     with benchlib.stop_on_signals(), benchlib.workdir("footprint") as work:
-        anyio.run(bounded, work, backend="asyncio")
+        finished = benchlib.run_bounded(lambda work: measure(args, work), work, args.timeout)
+    if not finished:
+        return 1
     print(f"node_footprint: done, load average {benchlib.loadavg()}")
     return 0
 

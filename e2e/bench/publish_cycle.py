@@ -74,6 +74,7 @@ class CsiNode:
         self.channel = Channel(path=os.fspath(socket))
         self.node = csi.NodeStub(self.channel, timeout=RPC_TIMEOUT)
         self.identity = csi.IdentityStub(self.channel, timeout=RPC_TIMEOUT)
+        self.targets: dict[Path, str] = {}  # every target ever published here, by volume ID
 
     async def ready(self, deadline: float) -> None:
         while True:
@@ -87,6 +88,7 @@ class CsiNode:
             await anyio.sleep(0.01)
 
     async def publish(self, volume_id: str, target: Path, context: dict[str, str]) -> float:
+        self.targets[target] = volume_id
         started = time.perf_counter()
         await self.node.node_publish_volume(
             csi.NodePublishVolumeRequest(
@@ -127,6 +129,15 @@ class CsiNode:
 
         return run
 
+    async def release_all(self) -> None:
+        """Unpublish every target this client published (a no-op for those already done), so
+        that an interrupted run leaves nothing mounted; errors are only reported."""
+        for target, volume_id in self.targets.items():
+            try:
+                await self.unpublish(volume_id, target)
+            except Exception as exc:
+                print(f"(cleanup: unpublish of {target} failed: {exc})", file=sys.stderr)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -159,7 +170,6 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
     mnt.mkdir()
     processes: list[subprocess.Popen[bytes]] = []
     clients: list[CsiNode] = []
-    keeper: tuple[CsiNode, Path] | None = None
     try:
         processes.append(
             start_server(
@@ -223,8 +233,7 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
                 target = mnt / "cold" / "target"
                 cold.publish.append(await fusecsi.publish(f"bench-cold-{index}", target, context))
                 cold.unpublish.append(await fusecsi.unpublish(f"bench-cold-{index}", target))
-            keeper = (fusecsi, mnt / "keeper" / "target")
-            await fusecsi.publish("bench-inprocess", keeper[1], context)
+            await fusecsi.publish("bench-inprocess", mnt / "keeper" / "target", context)
             subjects["fusecsi inprocess (steady state)"] = (
                 fusecsi.cycle("bench-inprocess", mnt / "inprocess" / "target", context),
                 driver_pid,
@@ -246,9 +255,8 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
         report(args, samples, cold)
     finally:
         with anyio.CancelScope(shield=True):
-            if keeper is not None:
-                await keeper[0].unpublish("bench-inprocess", keeper[1])
             for client in clients:
+                await client.release_all()
                 client.close()
             for process in processes:
                 benchlib.stop_process(process)
@@ -353,12 +361,10 @@ def main() -> int:
         return 2
     print(f"publish_cycle: {benchlib.machine()}")
 
-    async def bounded(work: Path) -> None:
-        with anyio.fail_after(args.timeout):
-            await measure(args, work)
-
     with benchlib.stop_on_signals(), benchlib.workdir("publish") as work:
-        anyio.run(bounded, work, backend="asyncio")
+        finished = benchlib.run_bounded(lambda work: measure(args, work), work, args.timeout)
+    if not finished:
+        return 1
     print(f"publish_cycle: done, load average {benchlib.loadavg()}")
     return 0
 
