@@ -1,11 +1,14 @@
 # The commands everyone can rely on. Each target installs what it needs (hack/bootstrap.sh).
-.PHONY: demo test unit lint sanity cluster-up cluster-down bench bootstrap protos
+.PHONY: demo demo-local test unit lint sanity cluster-up cluster-down bench bootstrap protos
 
 bootstrap:
 	@hack/bootstrap.sh
 
 demo: bootstrap
 	@hack/demo.sh
+
+demo-local: bootstrap
+	@hack/demo-local.sh
 
 test: bootstrap
 	@hack/test.sh

@@ -1,59 +1,52 @@
 #!/usr/bin/env bash
-# The main job on an embedded default: run fusecsi on a local socket with a local directory as
-# the shared filesystem, and walk through a volume's life through the CSI API, printing each
-# command so that you can run it yourself. Needs root (mounts) and /dev/fuse.
+# The main job: a real single-node Kubernetes on this machine (built from source, cached), fusecsi
+# deployed from its own manifests, and one demo workload per working strategy. Prints what to try
+# and how to tear down. The first run builds Kubernetes and the images (about 35 minutes on two
+# cores); later runs take about a minute.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
 
-if [[ $(id -u) -ne 0 ]]; then echo "demo: needs root (it mounts volumes); run it with sudo" >&2; exit 1; fi
-if [[ ! -c /dev/fuse ]]; then echo "demo: /dev/fuse is missing; the inprocess strategy needs FUSE" >&2; exit 1; fi
+missing=()
+[[ $(id -u) -eq 0 ]] || missing+=("root: the cluster runs kubelet and containerd, and volumes are mounts")
+[[ -c /dev/fuse ]] || missing+=("/dev/fuse: the inprocess strategy serves volumes through FUSE")
+command -v go >/dev/null || missing+=("Go: Kubernetes and the CSI sidecars are built from source")
+if ((${#missing[@]})); then
+  echo "make demo cannot start the cluster on this machine. Missing:" >&2
+  printf '  - %s\n' "${missing[@]}" >&2
+  echo "Without Kubernetes, try the local walkthrough: make demo-local (needs root and /dev/fuse too)." >&2
+  exit 2
+fi
 
-work=${DEMO_DIR:-/tmp/fusecsi-demo}
-endpoint=unix://$work/csi.sock
-export PATH=$VENV/bin:$PATH
-fusecsi=fusecsi
-mkdir -p "$work/data" "$work/pods"
+e2e/deploy.sh | tee /tmp/fusecsi-demo-deploy.out
+kubeconfig=$(sed -n 's/^KUBECONFIG=//p' /tmp/fusecsi-demo-deploy.out | tail -n1)
+[[ -n $kubeconfig ]] || { echo "deploying fusecsi failed; logs in _out/e2e/" >&2; exit 1; }
+kubectl=$(bash -c 'source e2e/cluster/lib.sh; find_kubectl')
+k() { "$kubectl" --kubeconfig "$kubeconfig" "$@"; }
 
-step() { printf '\n\033[1m# %s\033[0m\n' "$1"; }
-run() { printf '$ %s\n' "$*" >&2; "$@"; }
+log "starting one demo workload per strategy (namespace fusecsi-demo)"
+k apply -f e2e/demo/workloads.yaml >/dev/null
+k -n fusecsi-demo rollout status deployment/writer-hostpath --timeout=180s >/dev/null
+k -n fusecsi-demo rollout status deployment/writer-inprocess --timeout=180s >/dev/null
+sleep 6
+k -n fusecsi-demo get pvc,pods -o wide
 
-step "Start the driver (node + controller in one process) on $endpoint"
-echo "\$ fusecsi all --endpoint $endpoint --root default=$work/data --allowed-target-dir $work/pods --state-dir $work/state &"
-"$fusecsi" all --endpoint "$endpoint" --root "default=$work/data" --allowed-target-dir "$work/pods" \
-  --state-dir "$work/state" --default-strategy hostPath >"$work/driver.log" 2>&1 &
-driver=$!
-cleanup() {
-  "$fusecsi" client --endpoint "$endpoint" unpublish default/demo "$work/pods/app/mount" >/dev/null 2>&1 || true
-  "$fusecsi" client --endpoint "$endpoint" delete default/demo >/dev/null 2>&1 || true
-  kill "$driver" 2>/dev/null && wait "$driver" 2>/dev/null || true
-}
-trap cleanup EXIT
-for _ in $(seq 50); do "$fusecsi" client --endpoint "$endpoint" probe >/dev/null 2>&1 && break; sleep 0.2; done
-run "$fusecsi" client --endpoint "$endpoint" info
+cat <<TXT
 
-step "Create a 64 MiB volume served by the inprocess strategy (a directory of the root)"
-run "$fusecsi" client --endpoint "$endpoint" create demo --size 64Mi --param strategy=inprocess | tee "$work/volume.json"
-context=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["volume"]["volumeContext"]))' "$work/volume.json")
+fusecsi is running on a single-node Kubernetes on this machine.
 
-step "Publish it into a pod's target directory, as kubelet would"
-run "$fusecsi" client --endpoint "$endpoint" publish default/demo "$work/pods/app/mount" --context "$context"
-run grep "$work/pods/app/mount" /proc/self/mounts
+  export KUBECONFIG=$kubeconfig
+  alias kubectl=$kubectl
 
-step "Write and read through the mount; the data lands in the root's directory"
-run sh -c "echo 'hello from a pod' > $work/pods/app/mount/hello.txt"
-run cat "$work/data/demo/hello.txt"
-run df -h "$work/pods/app/mount"
+Try:
+  kubectl -n fusecsi get pods                                   # node plugin, controller
+  kubectl -n fusecsi-demo exec deploy/writer-hostpath -- tail -n 3 /data/log     # both replicas write here
+  kubectl -n fusecsi-demo exec deploy/writer-inprocess -- df -h /data            # the 256Mi quota, as df sees it
+  kubectl -n fusecsi-demo exec deploy/writer-inprocess -- dd if=/dev/zero of=/data/big bs=1M count=300   # ENOSPC
+  kubectl -n fusecsi-demo patch pvc quota-inprocess -p '{"spec":{"resources":{"requests":{"storage":"512Mi"}}}}'
+  ls /srv/fusecsi/fusecsi-demo/                                 # the volumes are directories of the root
+  kubectl -n fusecsi logs daemonset/fusecsi-node -c fusecsi     # the driver's log (JSON)
 
-step "The capacity is enforced: writing 80 MiB into 64 MiB fails with ENOSPC"
-run dd if=/dev/zero of="$work/pods/app/mount/big" bs=1M count=80 status=none || echo "(dd failed as expected)"
-rm -f "$work/pods/app/mount/big"
-
-step "Volume stats, as kubelet reads them"
-run "$fusecsi" client --endpoint "$endpoint" stats default/demo "$work/pods/app/mount"
-
-step "Unpublish and delete (onDelete=delete removes the directory)"
-run "$fusecsi" client --endpoint "$endpoint" unpublish default/demo "$work/pods/app/mount"
-run "$fusecsi" client --endpoint "$endpoint" delete default/demo
-run ls "$work/data"
-
-step "Done. The driver log is in $work/driver.log; the driver stops now."
+Tear down:
+  make cluster-down     # stops every component, removes mounts, network and state
+TXT

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,7 @@ def test_expansion_is_seen_by_df_in_the_pod(kubectl: Kubectl, namespace: str) ->
     wait_running(kubectl, namespace, "app")
 
     def df_kib() -> int:
-        line = kubectl.exec(namespace, "app", "df -k /data | tail -n1")
+        line = kubectl.exec(namespace, "app", "df -kP /data | tail -n1")
         return int(line.split()[1])
 
     assert df_kib() == 64 * 1024
@@ -297,3 +298,31 @@ def test_a_path_outside_the_root_leaves_the_pod_waiting_with_an_event(
             "delete", "pvc", "escape", "-n", namespace, "--wait=true", "--timeout=60s", check=False
         )
         kubectl.run("delete", "pv", pv_name, "--wait=true", "--timeout=60s", check=False)
+
+
+def test_after_all_pods_are_gone_nothing_of_ours_is_mounted(kubectl: Kubectl) -> None:
+    """Runs last (pytest keeps file order): every test above deleted its namespace and pods."""
+    wait_for(
+        "the test namespaces to be gone",
+        lambda: (
+            not [
+                n
+                for n in kubectl.run("get", "namespaces", "-o", "name").split()
+                if n.startswith("namespace/e2e-")
+            ]
+        ),
+        timeout=180,
+    )
+
+    def ours() -> list[str]:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        return [
+            line
+            for line in lines
+            if "kubernetes.io~csi" in line or " fuse.fusecsi " in line or " fusecsi:" in line
+        ]
+
+    deadline = time.monotonic() + 60
+    while ours() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not ours(), "\n".join(ours())
