@@ -1,7 +1,10 @@
 """Publish+unpublish cycle latency of the node plugin, next to baselines measured in the same run.
 
-Subjects, each driven sequentially (one call at a time) over a unix socket by the same grpclib
-client (`protos.csi.v1.NodeStub`):
+Subjects, each driven sequentially (one call at a time) over a unix socket by the same client:
+by default the Go client `cycle-client/` (grpc-go, one connection per subject, as kubelet
+calls a driver; built by build-cycle-client.sh), with `--client python` the grpclib client
+(`protos.csi.v1.NodeStub`), whose own CPU time (about 0.9 ms per call on a slow VM) is then
+part of every figure:
 
 * bare syscalls: bind mount + umount2 through ctypes on the same kind of paths, no RPC: the floor;
 * Go baseline: `hostpath-baseline/`, a minimal Go CSI node server that publishes like
@@ -17,15 +20,21 @@ work on the machine spreads over all subjects alike. The driver's state director
 as /run/fusecsi is in production. Every mount is made below one temporary directory and
 detached at exit, also on SIGTERM/SIGINT and on a timeout (--timeout).
 
+The inprocess cold path, readiness probes and the final clean-up always use the grpclib client.
+
 Run:  .venv/bin/python e2e/bench/publish_cycle.py [--cycles 300] [--go-baseline BINARY]
-      (e2e/bench/run.sh builds the Go baseline and passes it)
+          [--client go|python] [--go-client BINARY]
+      (e2e/bench/run.sh builds the Go baseline and passes it; the Go client is built here with
+      build-cycle-client.sh unless --go-client names it)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +44,8 @@ from pathlib import Path
 
 import anyio
 import benchlib
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 from benchlib import ms, percentile, ratio
 from grpclib.client import Channel
 
@@ -65,12 +76,79 @@ class Samples:
 
 
 Cycle = Callable[[], Awaitable[tuple[float, float]]]
+# Runs n cycles, returns the seconds of each first and each second call.
+Batch = Callable[[int], Awaitable[tuple[list[float], list[float]]]]
+
+
+def batch(cycle: Cycle) -> Batch:
+    async def run(count: int) -> tuple[list[float], list[float]]:
+        first, second = [], []
+        for _ in range(count):
+            one, two = await cycle()
+            first.append(one)
+            second.append(two)
+        return first, second
+
+    return run
+
+
+class GoClient:
+    """One `cycle-client -stdin` process: one grpc-go connection to one server, running as many
+    cycles (publish + unpublish of one volume at one target, or two Probe calls) as asked."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        assert process.stdout is not None
+        self.stdout = BufferedByteReceiveStream(process.stdout)
+
+    @classmethod
+    async def start(
+        cls, binary: str, socket: Path, *, target: Path | None = None, volume_id: str = "",
+        context: dict[str, str] | None = None,
+    ) -> GoClient:  # fmt: skip
+        argv = [binary, "-endpoint", f"unix://{socket}", "-warmup", "0", "-stdin"]
+        if target is None:
+            argv += ["-mode", "empty"]
+        else:
+            volume_context = ",".join(f"{k}={v}" for k, v in (context or {}).items())
+            argv += ["-target", os.fspath(target), "-volume-id", volume_id]
+            argv += ["-volume-context", volume_context]
+        client = cls(await anyio.open_process(argv, stderr=None))
+        if (await client.line()) != {"ready": True}:
+            raise RuntimeError(f"{argv!r} did not start")
+        return client
+
+    async def line(self) -> dict[str, object]:
+        try:
+            raw = await self.stdout.receive_until(b"\n", 1 << 24)
+        except (anyio.EndOfStream, anyio.IncompleteRead):
+            raise RuntimeError(f"cycle-client exited ({await self.process.wait()})") from None
+        return json.loads(raw)
+
+    async def run(self, count: int) -> tuple[list[float], list[float]]:
+        assert self.process.stdin is not None
+        await self.process.stdin.send(f"{count}\n".encode())
+        got = await self.line()
+        if got.get("error"):
+            raise RuntimeError(f"cycle-client: {got['error']}")
+        return got.get("publish_s", []), got.get("unpublish_s", [])  # type: ignore[return-value]
+
+    async def stop(self) -> None:
+        """SIGTERM: the client unpublishes its target and exits; SIGKILL after 20 s."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(20):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
 
 
 class CsiNode:
     """A NodeStub on a unix socket, publishing one volume at one target over and over."""
 
     def __init__(self, socket: Path) -> None:
+        self.socket = socket
         self.channel = Channel(path=os.fspath(socket))
         self.node = csi.NodeStub(self.channel, timeout=RPC_TIMEOUT)
         self.identity = csi.IdentityStub(self.channel, timeout=RPC_TIMEOUT)
@@ -170,6 +248,27 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
     mnt.mkdir()
     processes: list[subprocess.Popen[bytes]] = []
     clients: list[CsiNode] = []
+    go_clients: list[GoClient] = []
+
+    async def cycle(node: CsiNode, volume_id: str, target: Path, ctx: dict[str, str]) -> Batch:
+        """A subject's batch of cycles, driven by the client --client chose."""
+        if not args.go_client:
+            return batch(node.cycle(volume_id, target, ctx))
+        node.targets[target] = volume_id  # for release_all, should the Go client not clean up
+        go_clients.append(
+            await GoClient.start(
+                args.go_client, node.socket, target=target, volume_id=volume_id, context=ctx
+            )
+        )
+        return go_clients[-1].run
+
+    async def empty(node: CsiNode) -> Batch:
+        if not args.go_client:
+            return batch(node.empty_pair())
+        go_clients.append(await GoClient.start(args.go_client, node.socket))
+        return go_clients[-1].run
+
+    empty_label = "2 empty RPCs (Probe)" if args.go_client else "2 empty RPCs (NodeGetInfo)"
     try:
         processes.append(
             start_server(
@@ -182,8 +281,11 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
         clients.append(fusecsi)
         await fusecsi.ready(time.monotonic() + 30)
         driver_pid = processes[0].pid
-        subjects: dict[str, tuple[Cycle, int]] = {
-            "bare syscalls (bind + umount2)": (bare_cycle(data / "vol", mnt / "bare"), os.getpid()),
+        subjects: dict[str, tuple[Batch, int]] = {
+            "bare syscalls (bind + umount2)": (
+                batch(bare_cycle(data / "vol", mnt / "bare")),
+                os.getpid(),
+            ),
         }
         if args.go_baseline:
             go_socket = work / "go.sock"
@@ -199,16 +301,18 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
             await go.ready(time.monotonic() + 30)
             go_pid = processes[-1].pid
             subjects["Go baseline (mount-utils)"] = (
-                go.cycle("bench-go", mnt / "go" / "target", {"path": "vol"}),
+                await cycle(go, "bench-go", mnt / "go" / "target", {"path": "vol"}),
                 go_pid,
             )
             if args.floor:
-                subjects["Go: 2 empty RPCs (NodeGetInfo)"] = (go.empty_pair(), go_pid)
+                subjects[f"Go: {empty_label}"] = (await empty(go), go_pid)
         if args.floor:
-            subjects["fusecsi: 2 empty RPCs (NodeGetInfo)"] = (fusecsi.empty_pair(), driver_pid)
+            subjects[f"fusecsi: {empty_label}"] = (await empty(fusecsi), driver_pid)
         if "hostPath" in args.strategies:
             subjects["fusecsi hostPath"] = (
-                fusecsi.cycle("bench-hostpath", mnt / "hostpath" / "target", {"path": "vol"}),
+                await cycle(
+                    fusecsi, "bench-hostpath", mnt / "hostpath" / "target", {"path": "vol"}
+                ),
                 driver_pid,
             )
         for label, command in args.other_driver:
@@ -223,7 +327,7 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
             clients.append(other)
             await other.ready(time.monotonic() + 30)
             subjects[f"{label}: hostPath"] = (
-                other.cycle(f"bench-{label}", mnt / label / "target", {"path": "vol"}),
+                await cycle(other, f"bench-{label}", mnt / label / "target", {"path": "vol"}),
                 processes[-1].pid,
             )
         cold = Samples("inprocess", driver_pid)
@@ -235,31 +339,54 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
                 cold.unpublish.append(await fusecsi.unpublish(f"bench-cold-{index}", target))
             await fusecsi.publish("bench-inprocess", mnt / "keeper" / "target", context)
             subjects["fusecsi inprocess (steady state)"] = (
-                fusecsi.cycle("bench-inprocess", mnt / "inprocess" / "target", context),
+                await cycle(fusecsi, "bench-inprocess", mnt / "inprocess" / "target", context),
                 driver_pid,
             )
 
         samples = {name: Samples(name, pid) for name, (_, pid) in subjects.items()}
         for run, _ in subjects.values():
-            for _ in range(args.warmup):
-                await run()
+            await run(args.warmup)
         per_round = -(-args.cycles // args.rounds)
         for _ in range(args.rounds):
             for name, (run, pid) in subjects.items():
                 cpu_before = benchlib.cpu_seconds(pid)
-                for _ in range(per_round):
-                    publish, unpublish = await run()
-                    samples[name].publish.append(publish)
-                    samples[name].unpublish.append(unpublish)
+                publish, unpublish = await run(per_round)
                 samples[name].server_cpu += benchlib.cpu_seconds(pid) - cpu_before
+                samples[name].publish.extend(publish)
+                samples[name].unpublish.extend(unpublish)
         report(args, samples, cold)
     finally:
         with anyio.CancelScope(shield=True):
+            for go_client in go_clients:
+                await go_client.stop()
             for client in clients:
                 await client.release_all()
                 client.close()
             for process in processes:
                 benchlib.stop_process(process)
+
+
+def client_name(args: argparse.Namespace) -> str:
+    if args.go_client:
+        return "Go client (cycle-client: grpc-go, one connection per subject, like kubelet)"
+    return "Python client (grpclib)"
+
+
+def go_client_binary(args: argparse.Namespace) -> str | None:
+    """The cycle-client binary to use, or None for the Python client; builds it when needed."""
+    if args.client == "python":
+        return None
+    if args.go_client:
+        return args.go_client
+    build = Path(__file__).with_name("build-cycle-client.sh")
+    try:
+        built = subprocess.run([build], stdout=subprocess.PIPE, check=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        if args.client == "go":
+            raise SystemExit(f"cannot build the Go client: {exc}") from exc
+        print(f"(Go client not built, using the Python client: {exc})", file=sys.stderr)
+        return None
+    return built.stdout.decode().strip()
 
 
 def report(args: argparse.Namespace, samples: dict[str, Samples], cold: Samples) -> None:
@@ -286,7 +413,8 @@ def report(args: argparse.Namespace, samples: dict[str, Samples], cold: Samples)
     print(
         f"publish+unpublish cycle, {len(next(iter(samples.values())).cycle)} cycles per subject "
         f"(after {args.warmup} warm-up) in {args.rounds} interleaved rounds; sequential, unix "
-        "socket, grpclib client; driver state dir on tmpfs; ratios are of p50s; server CPU is the "
+        f"socket, {client_name(args)}; driver state dir on tmpfs; ratios are of p50s; server CPU "
+        "is the "
         "serving process's user+system time (for the bare syscalls: this process's)"
     )
     headers = ["subject", "p50", "p99", "vs bare", "vs Go", "publish p50", "unpublish p50",
@@ -294,7 +422,10 @@ def report(args: argparse.Namespace, samples: dict[str, Samples], cold: Samples)
     print(benchlib.table(headers, rows))
     if cold.publish:
         print()
-        print(f"inprocess cold path ({len(cold.publish)} volumes, one after the other)")
+        print(
+            f"inprocess cold path ({len(cold.publish)} volumes, one after the other; "
+            "grpclib client)"
+        )
         print(
             benchlib.table(
                 ["step", "p50", "max"],
@@ -340,6 +471,13 @@ def main() -> int:
     )
     parser.add_argument("--go-baseline", help="the hostpath-baseline binary (build-baseline.sh)")
     parser.add_argument(
+        "--client",
+        choices=["go", "python"],
+        help="what drives the cycles: the Go client (cycle-client/, like kubelet) or grpclib; "
+        "default: go when its binary can be built, else python",
+    )
+    parser.add_argument("--go-client", help="the cycle-client binary (build-cycle-client.sh)")
+    parser.add_argument(
         "--driver-command",
         type=shlex.split,
         help="command that runs fusecsi (default: the fusecsi script next to this python)",
@@ -359,7 +497,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (bind mounts)", file=sys.stderr)
         return 2
+    args.go_client = go_client_binary(args)
     print(f"publish_cycle: {benchlib.machine()}")
+    print(f"publish_cycle: client: {client_name(args)}")
 
     with benchlib.stop_on_signals(), benchlib.workdir("publish") as work:
         finished = benchlib.run_bounded(lambda work: measure(args, work), work, args.timeout)
