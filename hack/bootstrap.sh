@@ -5,7 +5,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-packages=(libfuse3-dev pkg-config fuse3 bindfs gcc)
+packages=(libfuse3-dev pkg-config fuse3 bindfs gcc debootstrap)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

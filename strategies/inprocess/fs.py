@@ -17,7 +17,7 @@ The filesystem mirrors a SOURCE directory. Three choices shape it:
   results. A scan at start and every ``rescan_interval`` seconds corrects drift caused by other
   nodes writing to the same shared directory.
 * All backing I/O runs in worker threads so the event loop that reads FUSE requests never
-  blocks on the backing filesystem: request handlers use a lean pool (`_RequestThreads`, as
+  blocks on the backing filesystem: request handlers use a lean pool (`WorkerThreads`, as
   per-call overhead is most of a small request's latency), background scans use
   ``anyio.to_thread``. The one exception is a read that the backing page cache can answer at
   once (``RWF_NOWAIT``, which never waits), see `PassthroughFilesystem.read`.
@@ -39,13 +39,11 @@ are given to the caller's uid/gid only when the server runs as root.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import errno
 import json
 import os
-import queue
 import stat
 import threading
 import time
@@ -59,6 +57,8 @@ import anyio
 import anyio.to_thread
 import pyfuse3
 from loguru import logger
+
+from strategies.system.threads import WorkerThreads
 
 __all__ = ("CapacityTracker", "PassthroughFilesystem", "scan_usage")
 
@@ -355,72 +355,6 @@ class _AttrChanges:
     mtime_ns: int | None
 
 
-class _RequestThreads:
-    """Worker threads for the blocking calls of FUSE requests, with as little per-call work as
-    possible.
-
-    `anyio.to_thread.run_sync` spends a loop iteration on a checkpoint, enters a cancel scope
-    and a capacity limiter and copies the context on every call; measured on the project VM a
-    round trip costs ~240 us with it, ~140 us with `asyncio.to_thread` and ~30 us here, and a
-    FUSE request that creates a small file makes five or six of them. Handlers are never
-    cancelled by pyfuse3, so none of that machinery is needed here: a queue, daemon threads
-    (grown on demand up to `max_threads`) and `call_soon_threadsafe` for the result.
-    """
-
-    def __init__(self, max_threads: int = 32) -> None:
-        self._max_threads = max_threads
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
-
-    async def run(self, func: Callable[[*_Ts], _R], *args: *_Ts) -> _R:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_R] = loop.create_future()
-        with self._lock:
-            # _idle is idle threads minus queued jobs: it goes below 0 only at max_threads.
-            if self._idle > 0 or len(self._threads) >= self._max_threads:
-                self._idle -= 1
-            else:
-                thread = threading.Thread(
-                    target=self._work, name=f"fusecsi-io-{len(self._threads)}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
-        self._queue.put((loop, future, func, args))
-        return await future
-
-    def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            loop, future, func, args = job
-            outcome: tuple[Any, BaseException | None]
-            try:
-                outcome = (func(*args), None)
-            except BaseException as error:  # delivered to the awaiting handler
-                outcome = (None, error)
-            with self._lock:
-                self._idle += 1
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                loop.call_soon_threadsafe(_settle_future, future, *outcome)
-
-    def close(self) -> None:
-        """Let the threads finish what they have and exit (they are daemons: nobody waits)."""
-        for _ in self._threads:
-            self._queue.put(None)
-
-
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
-
-
-def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 class PassthroughFilesystem(pyfuse3.Operations):
     """pyfuse3 operations mirroring `source` with a capacity; see the module docstring."""
 
@@ -461,7 +395,7 @@ class PassthroughFilesystem(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._scanned = anyio.Event()
         self._stop_scanning = threading.Event()
-        self._threads = _RequestThreads()
+        self._threads = WorkerThreads(max_threads=32, name="fusecsi-io")
         self.initialized = anyio.Event()
         """Set once the kernel's INIT handshake is done, i.e. the mount is live."""
 
