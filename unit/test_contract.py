@@ -81,3 +81,32 @@ class TestInprocess(StrategyContract):
         assert pids, "no FUSE session process found"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount(2))")
+async def test_hostpath_refuses_a_root_that_is_not_mounted(tmp_path: Path) -> None:
+    """With require_mounted_roots, a dead host mount never turns into the node's local disk."""
+    from strategies.base import Secrets
+    from strategies.errors import FailedPrecondition
+    from strategies.params import Parameters
+    from strategies.volumes import Roots
+
+    root = tmp_path / "root"
+    (root / "vol").mkdir(parents=True)
+    target = tmp_path / "target"
+    target.mkdir()
+    strategy = HostPathStrategy(Roots({"default": root}), require_mounted_roots=True)
+    params = Parameters({"path": "vol"}, known=strategy.parameters, where="volume_context")
+    publication = Publication(
+        volume_id="default/vol",
+        target=target,
+        strategy="hostPath",
+        parameters=dict(params),
+        readonly=False,
+        mount_flags=(),
+        spec=strategy.parse(params),
+    )
+    with pytest.raises(FailedPrecondition, match="is not a mount point on this node"):
+        await strategy.publish(publication, Secrets())
+    assert mounts.mounted_at(target) is None
