@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the Go tools the tests use, once per version, into the cache:
-#   csi-sanity (kubernetes-csi/csi-test) and the benchmark's Go baseline driver.
+# Build the Go tools the tests use, once per version, into the cache: csi-sanity
+#   (kubernetes-csi/csi-test). The benchmarks build theirs in e2e/bench/build-*.sh.
 # Prints nothing but the log lines; the binaries land in $FUSECSI_CACHE/bin/<name>-<version>.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
