@@ -28,8 +28,8 @@ import anyio
 import pytest
 from anyio.abc import TaskGroup
 
+from csi.requests import StrategySet
 from strategies.base import Publication, Secrets, Strategy
-from strategies.params import Parameters
 from strategies.system import mounts
 from strategies.volumes import Roots, VolumeStore
 
@@ -145,17 +145,13 @@ class StrategyContract:
         mount_flags: tuple[str, ...] = (),
         volume_id: str = "default/vol",
     ) -> Publication[Any]:
-        params = Parameters(
-            self.volume_parameters(env), known=strategy.parameters, where="volume_context"
-        )
-        return Publication(
+        # Parsed exactly as NodePublishVolume parses a volume context.
+        return StrategySet({strategy.name: strategy}, strategy.name).publication(
             volume_id=volume_id,
             target=target,
-            strategy=strategy.name,
-            parameters=dict(params),
+            context=self.volume_parameters(env),
             readonly=readonly,
             mount_flags=mount_flags,
-            spec=strategy.parse(params),
         )
 
     async def published(
