@@ -50,10 +50,11 @@ log "deploying fusecsi $tag"
 # by default; this machine's / is private, so the directory becomes a shared bind of itself.
 root=/srv/fusecsi
 mkdir -p "$root"
-if ! findmnt -n -o PROPAGATION "$root" 2>/dev/null | grep -q shared || ! mountpoint -q "$root"; then
-  mountpoint -q "$root" || mount --bind "$root" "$root"
-  mount --make-rshared "$root"
+if ! mountpoint -q "$root"; then
+  mount --bind "$root" "$root"
+  echo "$root" >>"${FUSECSI_CLUSTER_DIR:-/var/lib/fusecsi-cluster}/shared-roots"  # down.sh undoes it
 fi
+mount --make-rshared "$root"
 overlay=$REPO_ROOT/_out/e2e-overlay
 mkdir -p "$overlay"
 cat >"$overlay/kustomization.yaml" <<YAML

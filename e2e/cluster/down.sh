@@ -232,11 +232,23 @@ remove_state() {
     fi
 }
 
+# e2e/deploy.sh makes each root a shared bind of itself (HostToContainer propagation needs a
+# shared host mount) and lists it in $CLUSTER_DIR/shared-roots: undo those binds.
+unshare_roots() {
+    local list=$CLUSTER_DIR/shared-roots root
+    [[ -f $list ]] || return 0
+    while read -r root; do
+        [[ -n $root ]] && mountpoint -q "$root" && umount -l "$root"
+    done <"$list"
+    rm -f "$list"
+}
+
 main() {
     take_cluster_lock
     [[ -d $CLUSTER_DIR ]] || log "no cluster dir at $CLUSTER_DIR; cleaning up leftovers only"
     stop_all
     unmount_all
+    unshare_roots
     remove_links
     remove_iptables
     remove_nft_tables
