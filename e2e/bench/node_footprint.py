@@ -283,7 +283,9 @@ def main() -> int:
     parser.add_argument("--volumes", type=int, default=100, help="hostPath volumes to publish")
     parser.add_argument("--fuse-volumes", type=int, default=10, help="inprocess volumes")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds before reading RSS")
-    parser.add_argument("--go-baseline", help="the hostpath-baseline binary (build-baseline.sh)")
+    parser.add_argument(
+        "--go-baseline", help="the hostpath-baseline binary (build-go.sh hostpath-baseline)"
+    )
     parser.add_argument(
         "--driver-command",
         type=shlex.split,

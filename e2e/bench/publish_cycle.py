@@ -2,7 +2,7 @@
 
 Subjects, each driven sequentially (one call at a time) over a unix socket by the same client:
 by default the Go client `cycle-client/` (grpc-go, one connection per subject, as kubelet
-calls a driver; built by build-cycle-client.sh), with `--client python` the grpclib client
+calls a driver; built by `build-go.sh cycle-client`), with `--client python` the grpclib client
 (`protos.csi.v1.NodeStub`), whose own CPU time (about 0.9 ms per call on a slow VM) is then
 part of every figure:
 
@@ -25,7 +25,7 @@ The inprocess cold path, readiness probes and the final clean-up always use the 
 Run:  .venv/bin/python e2e/bench/publish_cycle.py [--cycles 300] [--go-baseline BINARY]
           [--client go|python] [--go-client BINARY]
       (e2e/bench/run.sh builds the Go baseline and passes it; the Go client is built here with
-      build-cycle-client.sh unless --go-client names it)
+      `build-go.sh cycle-client` unless --go-client names it)
 """
 
 from __future__ import annotations
@@ -378,9 +378,11 @@ def go_client_binary(args: argparse.Namespace) -> str | None:
         return None
     if args.go_client:
         return args.go_client
-    build = Path(__file__).with_name("build-cycle-client.sh")
+    build = Path(__file__).with_name("build-go.sh")
     try:
-        built = subprocess.run([build], stdout=subprocess.PIPE, check=True, timeout=600)
+        built = subprocess.run(
+            [build, "cycle-client"], stdout=subprocess.PIPE, check=True, timeout=600
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         if args.client == "go":
             raise SystemExit(f"cannot build the Go client: {exc}") from exc
@@ -469,14 +471,16 @@ def main() -> int:
         action="store_false",
         help="skip the empty-RPC rows (the gRPC cost a cycle pays before any mount work)",
     )
-    parser.add_argument("--go-baseline", help="the hostpath-baseline binary (build-baseline.sh)")
+    parser.add_argument(
+        "--go-baseline", help="the hostpath-baseline binary (build-go.sh hostpath-baseline)"
+    )
     parser.add_argument(
         "--client",
         choices=["go", "python"],
         help="what drives the cycles: the Go client (cycle-client/, like kubelet) or grpclib; "
         "default: go when its binary can be built, else python",
     )
-    parser.add_argument("--go-client", help="the cycle-client binary (build-cycle-client.sh)")
+    parser.add_argument("--go-client", help="the cycle-client binary (`build-go.sh cycle-client`)")
     parser.add_argument(
         "--driver-command",
         type=shlex.split,

@@ -2,7 +2,7 @@
 # Run every benchmark in e2e/bench/ (each *.py but the shared benchlib.py) and print its tables.
 # Usage: e2e/bench/run.sh   (or `make bench`, which runs hack/bootstrap.sh first)
 # Installs nothing itself: the Go baseline is built once into $FUSECSI_CACHE by
-# build-baseline.sh and passed to the benchmarks that take --go-baseline. Each benchmark
+# `build-go.sh hostpath-baseline` and passed to the benchmarks that take --go-baseline. Each benchmark
 # bounds its own time; `timeout` here is only a backstop (SIGTERM, on which they unmount).
 # Exit status: non-zero when any benchmark failed; the others still run.
 set -euo pipefail
@@ -14,7 +14,7 @@ limit=${BENCH_TIMEOUT:-1800}
 
 baseline=
 if command -v go >/dev/null; then
-  baseline=$("$bench/build-baseline.sh") || baseline=
+  baseline=$("$bench/build-go.sh" hostpath-baseline) || baseline=
 fi
 [[ -n $baseline ]] || log "no Go toolchain or build failed: benchmarks run without the Go baseline"
 
