@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -19,6 +22,7 @@ from csi.requests import StrategySet
 from csi.server import serve
 from csi.settings import Settings
 from protos.csi import v1 as csi
+from strategies.kube.cluster import Cluster, KubeCluster
 from strategies.publications import PublicationRecords
 from strategies.registry import NodeEnvironment, build_strategies
 from strategies.volumes import Roots, VolumeStore
@@ -39,8 +43,27 @@ def build_strategy_set(settings: Settings, volumes: VolumeStore) -> StrategySet:
         require_mounted_roots=settings.require_mounted_roots,
         fuse_command=settings.fuse_command or (sys.executable, "-m", "csi", "fuse"),
         fuse_start_timeout=settings.fuse_start_timeout,
+        node_id=settings.node_id,
+        connect=kubernetes_connector(settings),
+        own_pod=settings.pod_name,
+        mountpod_dir=settings.mountpod_dir,
+        mountpod_ready_timeout=settings.mountpod_ready_timeout,
+        client_images=settings.client_images,
+        mountpod_defaults=settings.mountpod_defaults,
     )
     return StrategySet(build_strategies(env), settings.default_strategy)
+
+
+def kubernetes_connector(settings: Settings) -> Callable[[], Awaitable[Cluster]] | None:
+    """How to reach the API: a kubeconfig, the in-cluster service account, or not at all."""
+    kubeconfig = Path(settings.kubeconfig) if settings.kubeconfig else None
+    if kubeconfig is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+
+    async def connect() -> Cluster:
+        return await KubeCluster.connect(namespace=settings.namespace, kubeconfig=kubeconfig)
+
+    return connect
 
 
 async def run_driver(

@@ -78,6 +78,46 @@ class Settings:
     fuse_start_timeout: float = field(
         default=15.0, metadata=_doc("seconds a FUSE session may take to come up")
     )
+    namespace: str = field(
+        default="fusecsi",
+        metadata=_doc("namespace of the driver's pods; Mount Pods and their Secrets live here"),
+    )
+    pod_name: str = field(
+        default="",
+        metadata=_doc("this node plugin's pod (its image is the builtin client's default image)"),
+    )
+    kubeconfig: str = field(
+        default="",
+        metadata=_doc(
+            "kubeconfig for the Kubernetes API; default: in-cluster, or none outside a cluster"
+        ),
+    )
+    mountpod_dir: Path = field(
+        default=Path("/var/lib/fusecsi/mountpods"),
+        metadata=_doc(
+            "host directory where Mount Pods mount (same path in the node plugin, Bidirectional)"
+        ),
+    )
+    mountpod_ready_timeout: float = field(
+        default=90.0,
+        metadata=_doc("seconds NodePublish waits for a new Mount Pod's client to mount"),
+    )
+    client_images: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "default image per client, CLIENT=IMAGE (repeatable); builtin: the plugin's own",
+            multi=True,
+            flag="client-image",
+        ),
+    )
+    mountpod_defaults: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "defaults for mountpod parameters, KEY=VALUE (repeatable); volume parameters win",
+            multi=True,
+            flag="mountpod-default",
+        ),
+    )
     shutdown_grace: float = field(
         default=20.0, metadata=_doc("seconds in-flight calls get to finish after SIGTERM")
     )
@@ -96,13 +136,15 @@ class SettingsError(ValueError):
 def _convert(name: str, raw: Any, source: str) -> Any:
     default = getattr(Settings(), name)
     try:
-        if name == "roots":
+        if name in ("roots", "client_images", "mountpod_defaults"):
             items = (
                 raw
                 if isinstance(raw, Mapping)
                 else dict(_split_pair(item) for item in _as_list(raw))
             )
-            return {str(key): Path(value) for key, value in items.items()}
+            if name == "roots":
+                return {str(key): Path(value) for key, value in items.items()}
+            return {str(key): str(value) for key, value in items.items()}
         if isinstance(default, bool):
             if isinstance(raw, bool):
                 return raw
@@ -137,10 +179,10 @@ def _as_list(raw: Any) -> list[str]:
 
 
 def _split_pair(item: str) -> tuple[str, str]:
-    name, sep, path = item.partition("=")
-    if not sep or not name or not path:
-        raise ValueError(f"{item!r} is not NAME=PATH")
-    return name, path
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+        raise ValueError(f"{item!r} is not NAME=VALUE")
+    return name, value
 
 
 def load_settings(
@@ -184,6 +226,8 @@ def _validate(settings: Settings) -> None:
     for name, path in settings.roots.items():
         if not path.is_absolute():
             raise SettingsError(f"setting roots: root {name!r} path {path} must be absolute")
+    if not settings.mountpod_dir.is_absolute():
+        raise SettingsError(f"setting mountpod_dir: {settings.mountpod_dir} must be absolute")
     for path in settings.allowed_target_dirs:
         if not path.is_absolute():
             raise SettingsError(f"setting allowed_target_dirs: {path} must be absolute")

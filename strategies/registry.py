@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from strategies.base import Strategy
+from strategies.clients.registry import build_clients
 from strategies.hostpath import HostPathStrategy
 from strategies.inprocess.strategy import InprocessStrategy
+from strategies.kube.cluster import Cluster
+from strategies.mountpod.strategy import MountPodStrategy
 from strategies.volumes import Roots, VolumeStore
 
 
 @dataclass(frozen=True, kw_only=True)
 class NodeEnvironment:
-    """What strategies may use of the node: allowed roots, a state directory, limits."""
+    """What strategies may use of the node: allowed roots, a state directory, limits, the API."""
 
     roots: Roots
     volumes: VolumeStore
@@ -23,6 +26,14 @@ class NodeEnvironment:
     require_mounted_roots: bool
     fuse_command: tuple[str, ...]
     fuse_start_timeout: float
+    node_id: str = ""
+    connect: Callable[[], Awaitable[Cluster]] | None = None
+    """Opens the Kubernetes API; None outside a cluster (strategies that need it refuse)."""
+    own_pod: str = ""
+    mountpod_dir: Path = Path("/var/lib/fusecsi/mountpods")
+    mountpod_ready_timeout: float = 90.0
+    client_images: Mapping[str, str] = field(default_factory=dict)
+    mountpod_defaults: Mapping[str, str] = field(default_factory=dict)
 
 
 def build_strategies(env: NodeEnvironment) -> Mapping[str, Strategy[Any]]:
@@ -35,6 +46,16 @@ def build_strategies(env: NodeEnvironment) -> Mapping[str, Strategy[Any]]:
             state_dir=env.state_dir / "inprocess",
             fuse_command=env.fuse_command,
             start_timeout=env.fuse_start_timeout,
+        ),
+        MountPodStrategy(
+            clients=build_clients(env.volumes),
+            node=env.node_id,
+            connect=env.connect,
+            host_dir=env.mountpod_dir,
+            images=env.client_images,
+            defaults=env.mountpod_defaults,
+            own_pod=env.own_pod,
+            ready_timeout=env.mountpod_ready_timeout,
         ),
     ]
     return {strategy.name: strategy for strategy in strategies}

@@ -33,7 +33,7 @@ def test_flags_beat_environment_beat_config_file(tmp_path: Path) -> None:
     ("flags", "words"),
     [
         ({"endpoint": "http://x"}, ("endpoint", "unix://")),
-        ({"roots": ["nopath"]}, ("roots", "NAME=PATH")),
+        ({"roots": ["nopath"]}, ("roots", "NAME=VALUE")),
         ({"roots": ["a=relative"]}, ("roots", "absolute")),
         ({"log_format": "xml"}, ("log_format", "text, json")),
         ({"require_mounted_roots": "maybe"}, ("require_mounted_roots", "true or false")),

@@ -1,0 +1,1 @@
+"""mountpod: a FUSE client in a Mount Pod per (node, share key, settings), shared by app pods."""
