@@ -48,13 +48,15 @@ log "deploying fusecsi $tag"
 # The root stands for the host's mount of a shared filesystem. The pods mount it with
 # HostToContainer propagation, which needs a shared (or slave) host mount, as systemd hosts have
 # by default; this machine's / is private, so the directory becomes a shared bind of itself.
-root=/srv/fusecsi
-mkdir -p "$root"
-if ! mountpoint -q "$root"; then
-  mount --bind "$root" "$root"
-  echo "$root" >>"${FUSECSI_CLUSTER_DIR:-/var/lib/fusecsi-cluster}/shared-roots"  # down.sh undoes it
-fi
-mount --make-rshared "$root"
+# Mount Pods' mounts must propagate to the host (Bidirectional), which needs the same.
+for shared in /srv/fusecsi /var/lib/fusecsi/mountpods; do
+  mkdir -p "$shared"
+  if ! mountpoint -q "$shared"; then
+    mount --bind "$shared" "$shared"
+    echo "$shared" >>"${FUSECSI_CLUSTER_DIR:-/var/lib/fusecsi-cluster}/shared-roots"  # down.sh undoes it
+  fi
+  mount --make-rshared "$shared"
+done
 overlay=$REPO_ROOT/_out/e2e-overlay
 mkdir -p "$overlay"
 cat >"$overlay/kustomization.yaml" <<YAML
