@@ -30,9 +30,12 @@ DEPLOY = REPO / "containers" / "deploy"
 RELEASE = "fusecsi"
 NAMESPACE = "fusecsi"
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+DEFAULT_MOUNTPOD_DIR = "/var/lib/fusecsi/mountpods"
 
-# Labels only Helm sets. They are left out of the comparison unless the kustomize output has
-# them too.
+# Labels only Helm sets. They are left out of the comparison of objects' and pod templates'
+# labels unless the kustomize output has them as labels too. Selectors (matchLabels) are compared
+# as they are: a selector must select the same pods whichever way the objects were applied (the
+# Mount Pods' PodDisruptionBudget selects app.kubernetes.io/managed-by=fusecsi, the driver's label).
 HELM_ONLY_LABELS = {
     "helm.sh/chart",
     "app.kubernetes.io/managed-by",
@@ -109,10 +112,10 @@ def index(objs: Iterable[Obj]) -> dict[Key, Obj]:
 
 
 def label_maps(obj: Any) -> Iterable[dict[str, Any]]:
-    """Every labels map in an object: metadata.labels, template labels, selectors' matchLabels."""
+    """Every labels map in an object: metadata.labels and pod template labels (not selectors)."""
     if isinstance(obj, dict):
         for name, value in obj.items():
-            if name in ("labels", "matchLabels") and isinstance(value, dict):
+            if name == "labels" and isinstance(value, dict):
                 yield value
             else:
                 yield from label_maps(value)
@@ -122,11 +125,11 @@ def label_maps(obj: Any) -> Iterable[dict[str, Any]]:
 
 
 def drop_labels(obj: Any, names: set[str]) -> None:
-    """Remove the labels named from every labels map; remove labels maps left empty."""
+    """Remove the labels named from every labels map (not selectors); remove maps left empty."""
     if isinstance(obj, dict):
         for name in list(obj):
             value = obj[name]
-            if name in ("labels", "matchLabels") and isinstance(value, dict):
+            if name == "labels" and isinstance(value, dict):
                 for label in names & set(value):
                     del value[label]
                 if not value:
@@ -280,6 +283,7 @@ def check_kubelet_dir(helm: str, kubectl: str) -> None:
 def check_custom_values(helm: str, kubectl: str) -> None:
     """Several roots, another driver name, a log level, ... reach every place they belong."""
     driver = "fuse.example.com"
+    mountpod_dir = "/data/fusecsi/mountpods"
     roots = {"default": "/mnt/jfs", "scratch": "/mnt/scratch"}
     text = helm_template(
         helm,
@@ -292,7 +296,12 @@ def check_custom_values(helm: str, kubectl: str) -> None:
         "controller.replicas=2",
         "--set",
         "namespace.create=false",
+        "--set",
+        f"mountPodDir={mountpod_dir}",
     )
+    left = [line.strip() for line in text.splitlines() if DEFAULT_MOUNTPOD_DIR in line]
+    if left:
+        raise CheckFailed(f"{DEFAULT_MOUNTPOD_DIR} is still rendered:\n  " + "\n  ".join(left))
     objs = parse(text)
     expect("Namespace objects", [o for o in objs if o["kind"] == "Namespace"], [])
     expect(
@@ -336,6 +345,19 @@ def check_custom_values(helm: str, kubectl: str) -> None:
         registration in container(spec, "node-driver-registrar")["args"],
         True,
     )
+    plugin = container(spec, "fusecsi")
+    expect("mountpods hostPath", volume(spec, "mountpods")["hostPath"]["path"], mountpod_dir)
+    expect("mountpods mountPath", mount(plugin, "mountpods")["mountPath"], mountpod_dir)
+    expect(
+        "--mountpod-dir",
+        [a for a in plugin["args"] if a.startswith("--mountpod-dir=")],
+        [f"--mountpod-dir={mountpod_dir}"],
+    )
+    expect(
+        "controller --mountpod-dir",
+        [a for a in container(pod_spec(objs, "Deployment"), "fusecsi")["args"] if "mountpod" in a],
+        [],
+    )
 
 
 def check_bad_values_fail(helm: str, kubectl: str) -> None:
@@ -344,6 +366,7 @@ def check_bad_values_fail(helm: str, kubectl: str) -> None:
         "roots.Scratch=/mnt/scratch": "roots: name",
         "roots.scratch=relative/path": "must be an absolute host path",
         "kubeletDir=var/lib/kubelet": "kubeletDir must be an absolute path",
+        "mountPodDir=mountpods": "mountPodDir must be an absolute path",
     }
     for setting, message in cases.items():
         try:
@@ -359,7 +382,7 @@ CHECKS: list[tuple[str, Callable[[str, str], None]]] = [
     ("helm lint --strict", check_lint),
     ("default values render the kustomize base + examples", check_same_as_kustomize),
     ("kubeletDir=/data/kubelet leaves no /var/lib/kubelet", check_kubelet_dir),
-    ("roots, driverName, logLevel, replicas, namespace.create", check_custom_values),
+    ("roots, driverName, logLevel, replicas, namespace.create, mountPodDir", check_custom_values),
     ("bad values fail the render", check_bad_values_fail),
 ]
 

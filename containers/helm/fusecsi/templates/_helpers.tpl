@@ -50,6 +50,15 @@ a message instead of producing objects that fail later.
 {{- $dir -}}
 {{- end -}}
 
+{{/* The host directory of Mount Pods' mounts (driver setting mountpod_dir). */}}
+{{- define "fusecsi.mountPodDir" -}}
+{{- $dir := .Values.mountPodDir | toString | trimSuffix "/" -}}
+{{- if not (regexMatch "^/[A-Za-z0-9._/+-]+$" $dir) -}}
+{{- fail (printf "mountPodDir must be an absolute path of letters, digits and ._/+-, got %q" .Values.mountPodDir) -}}
+{{- end -}}
+{{- $dir -}}
+{{- end -}}
+
 {{- define "fusecsi.driverName" -}}
 {{- $name := .Values.driverName | toString -}}
 {{- if not (regexMatch "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$" $name) -}}
