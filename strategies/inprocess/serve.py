@@ -99,6 +99,7 @@ async def _mount_and_serve(
     # Resolved before mounting: afterwards every lookup under it would be a request to us.
     resolved = b""
     if not options.mounts_fd:
+        await anyio.to_thread.run_sync(_detach_dead_mount, options.mountpoint)
         resolved = os.fsencode(await anyio.to_thread.run_sync(os.path.realpath, options.mountpoint))
     try:
         pyfuse3.init(filesystem, str(options.mountpoint), _mount_options(options))
@@ -179,6 +180,21 @@ async def _handle_signals(
                 continue
             logger.info("{}: stopping", signal.Signals(signum).name)
             session.stop()
+
+
+def _detach_dead_mount(mountpoint: Path) -> None:
+    """A previous server of this mountpoint that died (a restarted Mount Pod container) left a
+    dead FUSE mount there, on which mounting fails: detach it first. statfs, unlike stat, is
+    never answered from the kernel's cache, so it tells a dead mount at once (ENOTCONN)."""
+    from strategies.system import mounts
+
+    while mounts.mounted_at(mountpoint) is not None:
+        try:
+            os.statvfs(mountpoint)
+            return  # alive: someone else serves it; pyfuse3.init will stack on it or fail
+        except OSError as error:
+            logger.warning("detaching the dead mount at {}: {}", mountpoint, error.strerror)
+            mounts.unmount(mountpoint, detach=True)
 
 
 def _mount_device(mountpoint: bytes) -> str | None:
