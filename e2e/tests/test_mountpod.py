@@ -165,9 +165,7 @@ def test_twenty_pods_at_once_make_one_mount_pod_per_volume(
         assert len(refs(found[0])) == 5
 
 
-def test_a_killed_client_heals_without_restarting_the_app(
-    kubectl: Kubectl, namespace: str
-) -> None:
+def test_a_killed_client_heals_without_restarting_the_app(kubectl: Kubectl, namespace: str) -> None:
     kubectl.apply(pvc_manifest("data", STORAGE_CLASS), namespace)
     volume_id = volume_id_of(kubectl, namespace, "data")
     start_reader(kubectl, namespace, "data")
@@ -180,8 +178,9 @@ def test_a_killed_client_heals_without_restarting_the_app(
         os.kill(pid, signal.SIGKILL)
     wait_for(
         "kubelet to restart the client",
-        lambda: container_restarts(kubectl, DRIVER_NAMESPACE, pod["metadata"]["name"])
-        > restarts_before,
+        lambda: (
+            container_restarts(kubectl, DRIVER_NAMESPACE, pod["metadata"]["name"]) > restarts_before
+        ),
         timeout=60,
     )
     wait_for("the reader to read again", lambda: reads(kubectl, namespace, "reader"), timeout=60)
@@ -200,9 +199,11 @@ def test_a_deleted_mount_pod_is_recreated_and_the_app_reads_again(
     kubectl.run("delete", "pod", "-n", DRIVER_NAMESPACE, pod["metadata"]["name"], "--wait=true")
     recreated = wait_for(
         "a new Mount Pod",
-        lambda: (found := mount_pods(kubectl, volume_id))
-        and found[0]["metadata"]["uid"] != pod["metadata"]["uid"]
-        and found[0],
+        lambda: (
+            (found := mount_pods(kubectl, volume_id))
+            and found[0]["metadata"]["uid"] != pod["metadata"]["uid"]
+            and found[0]
+        ),
         timeout=60,
     )
     assert recreated["metadata"]["name"] == pod["metadata"]["name"]
