@@ -4,12 +4,12 @@ A dead or stuck FUSE server makes stat/statfs/umount block in the kernel; the ev
 never wait on that. On timeout or cancellation the call is abandoned (its thread finishes or
 stays stuck on its own, see `strategies.system.threads`); a timeout becomes `Unavailable` with
 the operation named. This is `anyio.to_thread.run_sync(..., abandon_on_cancel=True)` inside
-`fail_after`, with a leaner thread hop: every publish and unpublish makes a few of these calls.
+`fail_after`, with a leaner thread hop and the deadline as a timer on the awaited future (no
+task per call): every publish and unpublish makes a few of these calls.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from functools import partial
 from typing import ParamSpec, TypeVar
@@ -43,6 +43,6 @@ async def run_blocking_for(timeout: float, what: str, call: Callable[[], T]) -> 
     """Like `run_blocking` with an explicit deadline in seconds."""
     await checkpoint_if_cancelled()
     try:
-        return await asyncio.wait_for(_SYSCALL_THREADS.run(call), timeout)
+        return await _SYSCALL_THREADS.run_within(timeout, call)
     except TimeoutError as exc:
         raise Unavailable(f"{what} did not finish within {timeout:g}s (hung filesystem?)") from exc

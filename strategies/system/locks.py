@@ -16,7 +16,10 @@ class KeyedLocks:
 
     @asynccontextmanager
     async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (anyio.Lock(), 0))
+        entry = self._locks.get(key)
+        # fast_acquire: an uncontended lock is taken without a trip through the event loop
+        # (each costs a loop iteration; callers checkpoint anyway when they do work).
+        lock, users = entry if entry is not None else (anyio.Lock(fast_acquire=True), 0)
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
