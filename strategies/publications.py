@@ -10,6 +10,7 @@ long as the mounts they describe, which a reboot also clears.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,11 +25,17 @@ class PublicationRecords:
 
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "targets"
-        self._by_target: dict[str, dict[str, Any]] = {}
+        self._prefix = os.fspath(self.directory) + "/"
+        # Parsed records, or the JSON text of those saved since the start (parsed when read:
+        # nothing on the publish path reads them back).
+        self._by_target: dict[str, dict[str, Any] | str] = {}
 
     def _file(self, target: Path) -> Path:
+        return Path(self._path(target))
+
+    def _path(self, target: Path) -> str:
         digest = hashlib.sha256(os.fsencode(target)).hexdigest()[:40]
-        return self.directory / f"{digest}.json"
+        return f"{self._prefix}{digest}.json"
 
     def load(self) -> list[dict[str, Any]]:
         """Read every record from disk (at start-up); unreadable files are logged and kept aside."""
@@ -41,30 +48,47 @@ class PublicationRecords:
             except (OSError, ValueError, KeyError) as exc:
                 logger.error("ignoring unreadable publication record {}: {}", path, exc)
                 path.rename(path.with_suffix(".broken"))
-        return list(self._by_target.values())
+        return self.all()
 
     def get(self, target: Path) -> dict[str, Any] | None:
-        return self._by_target.get(str(target))
+        key = str(target)
+        record = self._by_target.get(key)
+        if isinstance(record, str):
+            record = self._by_target[key] = json.loads(record)
+        return record
 
     def save(self, target: Path, record_json: str) -> None:
-        """Atomically write the record for `target` (blocking; small and on tmpfs)."""
-        path = self._file(target)
-        temp = path.with_suffix(".tmp")
+        """Atomically write the record for `target` (blocking; small and on tmpfs).
+
+        Written to a temporary file, fsync'ed, then renamed over the record: a crash leaves
+        the old record or the new one, never a torn one. Plain os calls (no file objects):
+        this runs on every publish.
+        """
+        path = self._path(target)
+        temp = path[: -len(".json")] + ".tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            handle = temp.open("w")
+            fd = os.open(temp, flags, 0o644)
         except FileNotFoundError:  # the directory is made on first use, not stat'ed every time
             self.directory.mkdir(parents=True, exist_ok=True)
-            handle = temp.open("w")
-        with handle:
-            handle.write(record_json)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temp.replace(path)
-        self._by_target[str(target)] = json.loads(record_json)
+            fd = os.open(temp, flags, 0o644)
+        try:
+            data = record_json.encode()
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+        self._by_target[str(target)] = record_json
 
     def remove(self, target: Path) -> None:
-        self._file(target).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(target))
         self._by_target.pop(str(target), None)
 
     def all(self) -> list[dict[str, Any]]:
-        return list(self._by_target.values())
+        for key, record in self._by_target.items():
+            if isinstance(record, str):
+                self._by_target[key] = json.loads(record)
+        return [record for record in self._by_target.values() if isinstance(record, dict)]

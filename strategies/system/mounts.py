@@ -26,6 +26,9 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_statx = getattr(_libc, "statx", None)  # glibc >= 2.28
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -40,6 +43,16 @@ MS_RELATIME = 0x200000
 MS_STRICTATIME = 0x1000000
 MNT_FORCE = 0x1
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_NO_AUTOMOUNT = 0x800
+_AT_STATX_DONT_SYNC = 0x4000
+_STATX_ATTR_MOUNT_ROOT = 0x2000
+_STATX_SIZE = 256  # struct statx, with the kernel's spare room
+_STATX_ATTRIBUTES = slice(8, 16)  # __u64 stx_attributes
+_STATX_ATTRIBUTES_MASK = slice(56, 64)  # __u64 stx_attributes_mask
 
 # The per-mount flags a bind mount can carry, by the names mount(8) and CSI callers use.
 MOUNT_FLAG_BITS: dict[str, int] = {
@@ -113,13 +126,14 @@ def bind(source: Path, target: Path, *, flags: int = 0) -> None:
             raise MountFailed(f"applying mount flags on {target} failed: {exc.strerror}") from exc
 
 
-def unmount(target: Path, *, detach: bool = False) -> bool:
+def unmount(target: Path, *, detach: bool = False, follow: bool = True) -> bool:
     """Unmount `target`; returns False when nothing was mounted there.
 
     A busy mount is detached (MNT_DETACH): kubelet has already stopped the containers, and a
     lingering reference (an open fd in a dying process) must not block the pod's teardown.
+    `follow=False` (UMOUNT_NOFOLLOW): a symlink at `target` is not followed.
     """
-    flags = MNT_DETACH if detach else 0
+    flags = (MNT_DETACH if detach else 0) | (0 if follow else UMOUNT_NOFOLLOW)
     result = _libc.umount2(os.fsencode(target), flags)
     if result == 0:
         return True
@@ -127,8 +141,31 @@ def unmount(target: Path, *, detach: bool = False) -> bool:
     if code in (errno.EINVAL, errno.ENOENT):
         return False
     if code == errno.EBUSY and not detach:
-        return unmount(target, detach=True)
+        return unmount(target, detach=True, follow=follow)
     raise MountFailed(f"unmount of {target} failed: {os.strerror(code)}")
+
+
+def is_mount_point(path: Path) -> bool | None:
+    """Whether `path` (not following a final symlink) is the root of a mount; None: unknown.
+
+    One statx(2) asking for STATX_ATTR_MOUNT_ROOT, instead of reading the mount table: the
+    table costs the kernel microseconds per line to print (about 0.6 ms for 130 mounts on
+    our 2-vCPU VMs, several on a node with hundreds of pods' mounts), the statx a few. The
+    call is AT_STATX_DONT_SYNC: a FUSE filesystem then answers from its attribute cache
+    without asking its server, so a hung FUSE mount on `path` cannot block it. None when the
+    kernel or libc cannot tell (no statx, kernel before 5.8) or the statx fails (a dead mount):
+    callers then read the mount table as before.
+    """
+    if _statx is None:
+        return None
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    flags = _AT_SYMLINK_NOFOLLOW | _AT_NO_AUTOMOUNT | _AT_STATX_DONT_SYNC
+    if _statx(_AT_FDCWD, os.fsencode(path), flags, 0, buffer) != 0:
+        return None
+    raw = buffer.raw
+    if not int.from_bytes(raw[_STATX_ATTRIBUTES_MASK], "little") & _STATX_ATTR_MOUNT_ROOT:
+        return None
+    return bool(int.from_bytes(raw[_STATX_ATTRIBUTES], "little") & _STATX_ATTR_MOUNT_ROOT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +191,14 @@ class MountEntry:
         return self.fstype == "fuse" or self.fstype.startswith(("fuse.", "fuseblk"))
 
 
+def _escape(path: str) -> str:
+    """A path as mountinfo writes it (space, tab, newline and backslash in octal)."""
+    for char in "\\ \t\n":
+        if char in path:
+            path = path.replace(char, f"\\{ord(char):03o}")
+    return path
+
+
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as octal (\040 ...).
     if "\\" not in field:
@@ -176,7 +221,12 @@ def parse_mountinfo(text: str, *, mount_point: str | None = None) -> list[MountE
     table has hundreds of lines.
     """
     entries = []
+    # A line can only be `mount_point`'s if it holds the escaped path between spaces: that
+    # substring test skips the other lines without splitting them.
+    needle = f" {_escape(mount_point)} " if mount_point is not None else ""
     for line in text.splitlines():
+        if needle and needle not in line:
+            continue
         fields = line.split()
         if not fields:
             continue
@@ -202,7 +252,16 @@ def parse_mountinfo(text: str, *, mount_point: str | None = None) -> list[MountE
 
 
 def _read_mountinfo() -> str:
-    return Path("/proc/self/mountinfo").read_text()
+    # os.read rather than Path.read_text: half the CPU (no file object, no incremental
+    # decoder); read once or twice per publish and unpublish.
+    fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
 
 
 def mount_table() -> list[MountEntry]:

@@ -17,6 +17,10 @@ from strategies.errors import AlreadyExists, FailedPrecondition, NotFound
 from strategies.system import mounts
 from strategies.system.blocking import run_blocking
 
+# A bound on the mounts released from one target: each umount2 takes one off, and a target
+# never holds more than a few (a stale one under a new one).
+_MAX_STACKED = 64
+
 
 def _bind_root(source: Path, table: list[mounts.MountEntry]) -> tuple[str, str] | None:
     """(device, root inside that device) a bind of `source` shows in mountinfo."""
@@ -47,8 +51,12 @@ def bind_blocking(source: Path, target: Path, flags: int) -> bool:
     """Bind unless the target already shows exactly this source; True when a mount was made.
 
     Blocking: call through `run_blocking` (or use `bind_target`). The usual case, an empty
-    target, reads only the target's lines of the mount table.
+    target, costs one statx (`mounts.is_mount_point`); only a target that already holds a
+    mount (or one statx cannot judge) is looked up in the mount table.
     """
+    if mounts.is_mount_point(target) is False:
+        mounts.bind(source, target, flags=flags)
+        return True
     current = mounts.mounted_at(target)
     if current is not None:
         broken = mounts.probe(target)
@@ -77,9 +85,19 @@ async def bind_target(
 def release_blocking(target: Path) -> int:
     """Unmount every mount stacked on `target`, top first; blocking (see `release_target`).
 
-    The table is read once: each umount2 on the path takes the top of the stack off.
+    Each umount2 on the path takes the top of the stack off. When statx can tell that
+    `target` is a mount point, it is unmounted until nothing is left (UMOUNT_NOFOLLOW, as the
+    table lookup never follows a symlink either); when it is not one, nothing is done; else
+    the mount table is read once and one umount2 is made per mount stacked there.
     """
     count = 0
+    mounted = mounts.is_mount_point(target)
+    if mounted is False:
+        return 0
+    if mounted:
+        while count < _MAX_STACKED and mounts.unmount(target, follow=False):
+            count += 1
+        return count
     for _ in mounts.mounts_at(target):
         if not mounts.unmount(target):
             break
@@ -110,7 +128,10 @@ async def check_directory(path: Path, what: str) -> None:
 
 
 def _stats_blocking(path: Path) -> VolumeStats:
-    if mounts.mounted_at(path) is None:
+    mounted = mounts.is_mount_point(path)
+    if mounted is None:
+        mounted = mounts.mounted_at(path) is not None
+    if not mounted:
         return VolumeStats(abnormal=True, message=f"{path} is not mounted")
     try:
         st = os.statvfs(path)
