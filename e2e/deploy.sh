@@ -41,6 +41,10 @@ kubectl() { "$KUBECTL" "$@"; }
 images_main import >"$out/images.log" 2>&1 || { tail -n 40 "$out/images.log"; fail "image build failed"; }
 archive=$(containers/fusecsi/build.sh 2>>"$out/images.log") || { tail -n 40 "$out/images.log"; fail "fusecsi image build failed"; }
 import_image "$archive" >>"$out/images.log" 2>&1 || fail "importing the fusecsi image failed"
+# The JuiceFS client (mountpod's `juicefs` client), built from its Go module; the e2e tests name
+# it in their PVs (containers/juicefs/README.md). Cached: cold about 10 minutes, then seconds.
+jfs_archive=$(containers/juicefs/build.sh 2>>"$out/images.log") || { tail -n 40 "$out/images.log"; fail "JuiceFS image build failed"; }
+import_image "$jfs_archive" >>"$out/images.log" 2>&1 || fail "importing the JuiceFS image failed"
 tag=$(containers/fusecsi/build.sh --ref-only)
 tag=${tag##*:}
 

@@ -22,6 +22,8 @@ KUBECONFIG=$(sed -n 's/^KUBECONFIG=//p' "$out/deploy.out" | tail -n1)
 export KUBECONFIG
 KUBECTL=$(bash -c 'source e2e/cluster/lib.sh; find_kubectl')
 export KUBECTL
+FUSECSI_E2E_JUICEFS_IMAGE=$(containers/juicefs/build.sh --ref-only)
+export FUSECSI_E2E_JUICEFS_IMAGE
 
 log "running the end-to-end tests"
 FUSECSI_E2E_KUBELET_LOG=${FUSECSI_CLUSTER_DIR:-/var/lib/fusecsi-cluster}/logs/kubelet.log \

@@ -40,8 +40,8 @@ KNOWN_SECRETS = (
 )
 GIB = 1 << 30
 
-# Format on first use (JuiceFS keeps an existing volume's settings), set the quota of the
-# subdirectory when a capacity is known, then become the client. Arguments: mountpoint,
+# Format on first use (`--no-update`: an existing volume's settings are never changed), set the
+# quota of the subdirectory when a capacity is known, then become the client. Arguments: mountpoint,
 # subdir, quota in GiB (0: none), then `juicefs mount` flags. Secrets come only from env.
 SCRIPT = r"""set -euf
 mountpoint=$1 subdir=$2 quota=$3
@@ -51,11 +51,18 @@ if [ -n "${JFS_STORAGE:-}" ]; then
     ${JFS_FORMAT_OPTIONS:-} "$JFS_METAURL" "$JFS_NAME"
 fi
 if [ "$quota" != 0 ] && [ "$subdir" != / ]; then
-  juicefs quota set "$JFS_METAURL" --path "$subdir" --capacity "$quota" --create \
-    || echo "fusecsi: could not set the quota of $subdir" >&2
+  # The mount creates a missing subdir (mode 0777, unlike `quota set --create`'s 0755), so the
+  # quota is set once it exists, from the background, while the client starts.
+  (
+    for _ in $(seq 60); do
+      juicefs quota set "$JFS_METAURL" --path "$subdir" --capacity "$quota" >/dev/null 2>&1 \
+        && exit 0
+      sleep 1
+    done
+    echo "fusecsi: could not set the quota of $subdir" >&2
+  ) &
 fi
-# A client that died left a dead FUSE mount here; the new one mounts over a clean directory.
-umount -l "$mountpoint" 2>/dev/null || true
+# A dead mount left here by a killed client is detached by juicefs itself before mounting.
 exec juicefs mount "$JFS_METAURL" "$mountpoint" --subdir "$subdir" "$@"
 """
 
