@@ -37,23 +37,26 @@ class CallGate:
     def __init__(self) -> None:
         self.in_flight = 0
         self.closed = False
-        self._idle = anyio.Event()
-        self._idle.set()
+        # Made by `drain` only: creating an anyio.Event on every call that finds the server
+        # idle (most of them) cost more than the rest of the gate.
+        self._idle: anyio.Event | None = None
 
     def enter(self) -> None:
         if self.closed:
             raise GRPCError(Status.UNAVAILABLE, "the driver is shutting down")
         self.in_flight += 1
-        self._idle = anyio.Event() if self.in_flight == 1 else self._idle
 
     def leave(self) -> None:
         self.in_flight -= 1
-        if self.in_flight == 0:
+        if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
     async def drain(self, grace: float) -> bool:
         """Refuse new calls and wait up to `grace` seconds for running ones; True if all ended."""
         self.closed = True
+        if self.in_flight == 0:
+            return True
+        self._idle = anyio.Event()
         with anyio.move_on_after(grace):
             await self._idle.wait()
             return True

@@ -42,14 +42,26 @@ def resolve_inside(root: Path, relative: PurePosixPath, *, field: str) -> Path:
 
 def check_target(target: Path, allowed: tuple[Path, ...], *, field: str) -> Path:
     """A publish target must be absolute and below one of the allowed target directories."""
-    if not target.is_absolute():
+    # On strings (one Path made, not three): this runs on every publish and unpublish.
+    text = os.fspath(target)
+    if not text.startswith("/"):
         raise InvalidArgument(field, f"{target} must be an absolute path")
-    normal = Path(os.path.normpath(target))
-    if any(part == ".." for part in target.parts):
+    if ".." in text.split("/"):
         raise InvalidArgument(field, f"{target} must not contain '..'")
-    if allowed and not any(normal.is_relative_to(base) and normal != base for base in allowed):
+    normal_text = os.path.normpath(text)
+    normal = Path(normal_text)
+    if allowed and not any(_strictly_below(normal_text, os.fspath(base)) for base in allowed):
         bases = ", ".join(str(base) for base in allowed)
         raise InvalidArgument(
             field, f"{target} is outside the allowed target directories ({bases})"
         )
     return normal
+
+
+def _strictly_below(path: str, base: str) -> bool:
+    """`Path(path).is_relative_to(base) and path != base`, for normalized absolute strings."""
+    if path.startswith("//") or base.startswith("//"):  # POSIX's own "//" root: pathlib's rules
+        return Path(path).is_relative_to(base) and Path(path) != Path(base)
+    if path == base:
+        return False
+    return path.startswith(base if base.endswith("/") else base + "/")
