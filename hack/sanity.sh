@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Run csi-sanity (kubernetes-csi/csi-test) against fusecsi, once per strategy.
 # Usage: hack/sanity.sh [STRATEGY...]   (default: every strategy that runs without a cluster)
+# mountpod needs the local cluster (e2e/run.sh runs it there): KUBECONFIG, the cluster's node
+# name in SANITY_NODE and the builtin client's image in SANITY_BUILTIN_IMAGE. Its Mount Pods run
+# in the namespace fusecsi-sanity on that node, which is this machine, so the driver started
+# here sees their mounts.
 # For each strategy it prints csi-sanity's "Ran N of M Specs" line and "N passed, N failed";
 # the last line sums them up. Exit status: non-zero when any spec failed.
 set -euo pipefail
@@ -16,9 +20,23 @@ for strategy in "${strategies[@]}"; do
   work=$(mktemp -d /tmp/fusecsi-sanity.XXXXXX)
   mkdir -p "$work/data" "$work/mnt"
   printf 'strategy: %s\n' "$strategy" >"$work/parameters.yaml"
-  "$VENV/bin/fusecsi" all \
-    --endpoint "unix://$work/csi.sock" --node-id sanity-node \
-    --root "default=$work/data" --allowed-target-dir "$work/mnt" \
+  extra=() node=sanity-node
+  if [[ $strategy == mountpod ]]; then
+    : "${KUBECONFIG:?mountpod sanity needs KUBECONFIG (the local cluster)}"
+    node=${SANITY_NODE:?} extra=(--kubeconfig "$KUBECONFIG" --namespace fusecsi-sanity
+      --client-image "builtin=${SANITY_BUILTIN_IMAGE:?}" --mountpod-ready-timeout 60)
+    printf 'client: builtin\ndeleteDelay: 0s\n' >>"$work/parameters.yaml"
+    # Mount Pods mount the root with HostToContainer propagation, which needs a shared host
+    # mount: e2e/deploy.sh made /srv/fusecsi one.
+    data=${SANITY_SHARED_ROOT:-/srv/fusecsi}/.sanity-$(basename "$work")
+    mkdir -p "$data" && rmdir "$work/data" && ln -s "$data" "$work/data"
+    "${KUBECTL:-kubectl}" create namespace fusecsi-sanity --dry-run=client -o yaml |
+      "${KUBECTL:-kubectl}" label --local -f - -o yaml pod-security.kubernetes.io/enforce=privileged |
+      "${KUBECTL:-kubectl}" apply -f - >/dev/null
+  fi
+  "$VENV/bin/fusecsi" all "${extra[@]}" \
+    --endpoint "unix://$work/csi.sock" --node-id "$node" \
+    --root "default=$(readlink -f "$work/data")" --allowed-target-dir "$work/mnt" \
     --state-dir "$work/state" --default-strategy "$strategy" \
     --log-level DEBUG >"$work/driver.log" 2>&1 &
   driver=$!
@@ -57,6 +75,7 @@ PY
     grep -E '^\s*\[FAIL\]|^  \[FAILED\]|• \[FAILED\]' "$work/sanity.log" | head -40 || true
     echo "(full log: $work/sanity.log, driver log: $work/driver.log)"
   else
+    [[ -L $work/data ]] && rm -rf "$(readlink -f "$work/data")"
     rm -rf "$work"
   fi
   total_passed=$((total_passed + passed)) total_failed=$((total_failed + failed))
