@@ -14,6 +14,7 @@ import anyio
 from csi.client import add_client_parser, run_client
 from csi.settings import Settings, SettingsError, load_settings
 from strategies.inprocess.options import add_filesystem_arguments, filesystem_options
+from strategies.sidecar.receive import add_sidecar_arguments
 
 SERVE_COMMANDS = {
     "node": ("run the CSI node plugin (Identity + Node)", True, False),
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         "enforces a capacity and read-only mode. Runs until SIGTERM; unmounts on exit.",
     )
     add_filesystem_arguments(fuse)
+    sidecar = commands.add_parser(
+        "sidecar",
+        help="serve a sidecar volume with the /dev/fuse fd the node plugin hands over",
+        description="Wait on SOCKET for the node plugin's /dev/fuse fd, then serve the volume "
+        "through it (what the sidecar strategy injects into app pods; needs no privilege).",
+    )
+    add_sidecar_arguments(sidecar)
     add_client_parser(commands)
     return parser
 
@@ -57,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "client":
         return run_client(args)
+    if args.command == "sidecar":
+        from strategies.sidecar.receive import run_sidecar
+
+        return run_sidecar(args)
     if args.command == "fuse":
         from strategies.inprocess.serve import run_filesystem
 

@@ -22,6 +22,7 @@ from strategies.system.paths import check_target
 POD_NAME = "csi.storage.k8s.io/pod.name"
 POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 POD_UID = "csi.storage.k8s.io/pod.uid"
+EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 
 
 def required_id(value: str, field: str = "volume_id") -> str:
@@ -95,6 +96,7 @@ def pod_ref(context: Mapping[str, str]) -> PodRef | None:
         namespace=context.get(POD_NAMESPACE, ""),
         name=context.get(POD_NAME, ""),
         uid=context[POD_UID],
+        ephemeral=context.get(EPHEMERAL) == "true",
     )
 
 

@@ -50,6 +50,8 @@ class PodRef:
     namespace: str
     name: str
     uid: str
+    ephemeral: bool = False
+    """An inline (CSI ephemeral) volume of the pod rather than a PVC."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +101,8 @@ class Publication(Generic[SpecT]):
                 "name": self.pod.name,
                 "uid": self.pod.uid,
             }
+            if self.pod.ephemeral:
+                record["pod"]["ephemeral"] = True
         return json.dumps(record, sort_keys=True)
 
 

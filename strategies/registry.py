@@ -12,7 +12,9 @@ from strategies.clients.registry import build_clients
 from strategies.hostpath import HostPathStrategy
 from strategies.inprocess.strategy import InprocessStrategy
 from strategies.kube.cluster import Cluster
+from strategies.kube.shared import SharedCluster
 from strategies.mountpod.strategy import MountPodStrategy
+from strategies.sidecar.strategy import SidecarStrategy
 from strategies.volumes import Roots, VolumeStore
 
 
@@ -38,6 +40,7 @@ class NodeEnvironment:
 
 def build_strategies(env: NodeEnvironment) -> Mapping[str, Strategy[Any]]:
     """The strategies this driver offers, by the name the `strategy` parameter uses."""
+    cluster = SharedCluster(env.connect) if env.connect is not None else None
     strategies: list[Strategy[Any]] = [
         HostPathStrategy(env.roots, require_mounted_roots=env.require_mounted_roots),
         InprocessStrategy(
@@ -50,12 +53,17 @@ def build_strategies(env: NodeEnvironment) -> Mapping[str, Strategy[Any]]:
         MountPodStrategy(
             clients=build_clients(env.volumes),
             node=env.node_id,
-            connect=env.connect,
+            connect=cluster.get if cluster is not None else None,
             host_dir=env.mountpod_dir,
             images=env.client_images,
             defaults=env.mountpod_defaults,
             own_pod=env.own_pod,
             ready_timeout=env.mountpod_ready_timeout,
+        ),
+        SidecarStrategy(
+            env.volumes,
+            claim_of=cluster.claim_of if cluster is not None else None,
+            sidecar_expected=cluster.sidecar_expected if cluster is not None else None,
         ),
     ]
     return {strategy.name: strategy for strategy in strategies}

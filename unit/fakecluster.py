@@ -37,6 +37,7 @@ class FakeCluster:
         self.requests: Counter[str] = Counter()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, list[str]] = {}
+        self.claims: dict[str, tuple[str, str]] = {}  # PV name -> (namespace, PVC)
         self._version = 100
         self._watchers: list[asyncio.Queue[Obj]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -190,6 +191,21 @@ class FakeCluster:
     async def describe_failure(self, pod_name: str, container: str) -> str:
         self.requests["describe_failure"] += 1
         return "client log: " + " | ".join(self.logs.get(pod_name, [])[-5:])
+
+    async def claim_of_volume(self, pv_name: str) -> tuple[str, str] | None:
+        self.requests["claim_of_volume"] += 1
+        return self.claims.get(pv_name)
+
+    async def pod_containers(self, namespace: str, name: str) -> set[str] | None:
+        self.requests["pod_containers"] += 1
+        with self._lock:
+            pod = self.pods.get((namespace, name))
+            if pod is None:
+                return None
+            spec = pod["spec"]
+            return {
+                c["name"] for c in [*spec.get("containers", []), *spec.get("initContainers", [])]
+            }
 
     # -- the kubelet --------------------------------------------------------------------------
 

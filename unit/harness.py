@@ -89,6 +89,12 @@ class StrategyContract:
     def release_root(self, env: ContractEnv) -> None:
         """Optional: undo prepare_root."""
 
+    async def before_publish(self, env: ContractEnv, publication: Publication[Any]) -> None:
+        """Optional: what kubelet sets up around a target before publishing (pod volumes)."""
+
+    async def after_publish(self, env: ContractEnv, publication: Publication[Any]) -> None:
+        """Optional: what runs in the pod after a publish (a sidecar that serves the mount)."""
+
     # -- fixtures -------------------------------------------------------------------------
 
     @pytest.fixture
@@ -158,7 +164,9 @@ class StrategyContract:
         self, strategy: Strategy[Any], env: ContractEnv, name: str = "pod-a", **kwargs: Any
     ) -> Publication[Any]:
         publication = self.publication(strategy, env, env.target(name), **kwargs)
+        await self.before_publish(env, publication)
         await strategy.publish(publication, Secrets())
+        await self.after_publish(env, publication)
         return publication
 
     # -- the contract ---------------------------------------------------------------------

@@ -78,6 +78,12 @@ class Cluster(Protocol):
     async def describe_failure(self, pod_name: str, container: str) -> str:
         """The pod's recent Events and the container's last log lines, for an error message."""
 
+    async def claim_of_volume(self, pv_name: str) -> tuple[str, str] | None:
+        """(namespace, name) of the PVC bound to a PV; None when no such PV or no claim."""
+
+    async def pod_containers(self, namespace: str, name: str) -> set[str] | None:
+        """Names of a pod's containers and init containers; None when there is no such pod."""
+
 
 class KubeCluster:
     """`Cluster` over HTTPS to the apiserver (in-cluster service account, or a kubeconfig)."""
@@ -237,6 +243,33 @@ class KubeCluster:
             if exc.status != 400:  # 400: the container has not started, so no log yet
                 parts.append(f"(log unavailable: {exc})")
         return "; ".join(parts) or "no events and no log"
+
+    async def claim_of_volume(self, pv_name: str) -> tuple[str, str] | None:
+        return await _claim_of(self, pv_name)
+
+    async def pod_containers(self, namespace: str, name: str) -> set[str] | None:
+        try:
+            pod = await self._call("GET", f"/api/v1/namespaces/{namespace}/pods/{quote(name)}")
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+        spec = pod.get("spec") or {}
+        containers = [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+        return {str(container.get("name")) for container in containers}
+
+
+async def _claim_of(cluster: KubeCluster, pv_name: str) -> tuple[str, str] | None:
+    try:
+        pv = await cluster._call("GET", f"/api/v1/persistentvolumes/{quote(pv_name)}")
+    except ApiError as exc:
+        if exc.not_found:
+            return None
+        raise
+    claim = (pv.get("spec") or {}).get("claimRef") or {}
+    if not claim.get("name"):
+        return None
+    return str(claim.get("namespace", "")), str(claim["name"])
 
 
 def _api_error(status: int, data: bytes) -> ApiError:
