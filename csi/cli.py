@@ -1,4 +1,4 @@
-"""`fusecsi`: the command line. Subcommands: node, controller, all, fuse."""
+"""`fusecsi`: the command line. Subcommands: node, controller, all, webhook, fuse."""
 
 from __future__ import annotations
 
@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (description, _, _) in SERVE_COMMANDS.items():
         sub = commands.add_parser(name, help=description, description=description)
         _add_settings_flags(sub)
+    webhook = commands.add_parser(
+        "webhook",
+        help="run the sidecar strategy's mutating admission webhook (HTTPS)",
+        description="Serve POST /mutate (AdmissionReview: inject the sidecars of sidecar "
+        "volumes) and GET /healthz over HTTPS; keep the TLS Secret and the webhook "
+        "configuration's caBundle current. Uses the settings marked 'sidecar webhook', "
+        "driver_name, default_strategy, roots, namespace, pod_name and kubeconfig.",
+    )
+    _add_settings_flags(webhook)
     fuse = commands.add_parser(
         "fuse",
         help="serve fusecsi's passthrough FUSE filesystem (what inprocess runs per volume)",
@@ -73,7 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from strategies.inprocess.serve import run_filesystem
 
         return run_filesystem(filesystem_options(args))
-    _, node, controller = SERVE_COMMANDS[args.command]
     flags = {spec.name: getattr(args, spec.name) for spec in fields(Settings)}
     try:
         settings = load_settings(config_file=args.config, environ=os.environ, flags=flags)
@@ -81,9 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fusecsi: {exc}", file=sys.stderr)
         return 2
 
-    from csi.driver import run_driver
     from csi.logging import configure_logging
 
     configure_logging(settings)
+    if args.command == "webhook":
+        from csi.webhook import main as run_webhook
+
+        return run_webhook(settings)
+
+    from csi.driver import run_driver
+
+    _, node, controller = SERVE_COMMANDS[args.command]
     anyio.run(lambda: run_driver(settings, node=node, controller=controller), backend="asyncio")
     return 0

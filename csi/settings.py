@@ -118,6 +118,24 @@ class Settings:
             flag="mountpod-default",
         ),
     )
+    webhook_address: str = field(
+        default="0.0.0.0:9443",
+        metadata=_doc("sidecar webhook: HOST:PORT its HTTPS server (/mutate, /healthz) listens on"),
+    )
+    webhook_cert_dir: Path = field(
+        default=Path("/run/fusecsi/webhook-tls"),
+        metadata=_doc("sidecar webhook: where it writes its serving certificate and key (tmpfs)"),
+    )
+    sidecar_image: str = field(
+        default="",
+        metadata=_doc("sidecar webhook: image of the injected sidecars; default: its own image"),
+    )
+    webhook_config_name: str = field(
+        default="fusecsi-sidecar-injector",
+        metadata=_doc(
+            "sidecar webhook: its MutatingWebhookConfiguration and Service; Secret <name>-tls"
+        ),
+    )
     shutdown_grace: float = field(
         default=20.0, metadata=_doc("seconds in-flight calls get to finish after SIGTERM")
     )
