@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +119,14 @@ def sidecar_container(spec: SidecarSpec, key: str, default_image: str) -> dict[s
 
 
 def root_volume_name(spec: SidecarSpec) -> str:
-    return f"fusecsi-root-{spec.location.root_name}"[:63]
+    """A valid volume name (DNS label) for the root, whatever characters its name has."""
+    name = re.sub(r"[^a-z0-9-]", "-", spec.location.root_name.lower()).strip("-")
+    digest = hashlib.sha256(spec.location.root_name.encode()).hexdigest()[:8]
+    return (
+        f"fusecsi-root-{name[:40]}-{digest}"
+        if name != spec.location.root_name
+        else (f"fusecsi-root-{name}"[:63])
+    )
 
 
 def root_volume(spec: SidecarSpec) -> dict[str, Any]:
