@@ -31,6 +31,8 @@ RELEASE = "fusecsi"
 NAMESPACE = "fusecsi"
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 DEFAULT_MOUNTPOD_DIR = "/var/lib/fusecsi/mountpods"
+DEFAULT_WEBHOOK_NAME = "fusecsi-sidecar-injector"
+CONTROLLER = "fusecsi-controller"
 
 # Labels only Helm sets. They are left out of the comparison of objects' and pod templates'
 # labels unless the kustomize output has them as labels too. Selectors (matchLabels) are compared
@@ -63,9 +65,11 @@ def run(argv: list[str], cwd: Path = REPO) -> str:
     return proc.stdout
 
 
-def helm_template(helm: str, *extra: str) -> str:
+def helm_template(
+    helm: str, *extra: str, release: str = RELEASE, namespace: str = NAMESPACE
+) -> str:
     return run(
-        [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra],
+        [helm, "template", release, str(CHART), "--namespace", namespace, *extra],
     )
 
 
@@ -195,8 +199,8 @@ def find(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
     return found[0]
 
 
-def pod_spec(objs: list[Obj], kind: str) -> Obj:
-    spec: Obj = find(objs, kind)["spec"]["template"]["spec"]
+def pod_spec(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
+    spec: Obj = find(objs, kind, name)["spec"]["template"]["spec"]
     return spec
 
 
@@ -298,6 +302,8 @@ def check_custom_values(helm: str, kubectl: str) -> None:
         "namespace.create=false",
         "--set",
         f"mountPodDir={mountpod_dir}",
+        "--set",
+        "webhook.replicas=3",
     )
     left = [line.strip() for line in text.splitlines() if DEFAULT_MOUNTPOD_DIR in line]
     if left:
@@ -317,9 +323,18 @@ def check_custom_values(helm: str, kubectl: str) -> None:
     expect("CSIDriver name", find(objs, "CSIDriver")["metadata"]["name"], driver)
     for sc in (o for o in objs if o["kind"] == "StorageClass"):
         expect(f"StorageClass {sc['metadata']['name']} provisioner", sc["provisioner"], driver)
-    expect("controller replicas", find(objs, "Deployment")["spec"]["replicas"], 2)
-    for kind in ("DaemonSet", "Deployment"):
-        spec = pod_spec(objs, kind)
+    expect("controller replicas", find(objs, "Deployment", CONTROLLER)["spec"]["replicas"], 2)
+    webhook = find(objs, "Deployment", DEFAULT_WEBHOOK_NAME)
+    expect("webhook replicas", webhook["spec"]["replicas"], 3)
+    webhook_args = container(webhook["spec"]["template"]["spec"], "webhook")["args"]
+    expect("webhook --driver-name", webhook_args.count(f"--driver-name={driver}"), 1)
+    expect(
+        "webhook --webhook-config-name (the release keeps the default name)",
+        [a for a in webhook_args if a.startswith("--webhook-config-name")],
+        [],
+    )
+    for kind, name in (("DaemonSet", None), ("Deployment", CONTROLLER)):
+        spec = pod_spec(objs, kind, name)
         driver_container = container(spec, "fusecsi")
         expect(
             f"{kind} --driver-name", driver_container["args"].count(f"--driver-name={driver}"), 1
@@ -355,9 +370,80 @@ def check_custom_values(helm: str, kubectl: str) -> None:
     )
     expect(
         "controller --mountpod-dir",
-        [a for a in container(pod_spec(objs, "Deployment"), "fusecsi")["args"] if "mountpod" in a],
+        [
+            a
+            for a in container(pod_spec(objs, "Deployment", CONTROLLER), "fusecsi")["args"]
+            if "mountpod" in a
+        ],
         [],
     )
+
+
+def check_webhook(helm: str, kubectl: str) -> None:
+    """webhook.enabled=false renders none of its objects; another release gets its own names,
+    passes them to the driver, and the webhook's Service is looked up in the release namespace."""
+    objs = parse(helm_template(helm, "--set", "webhook.enabled=false"))
+    left = [
+        show_key(key_of(o))
+        for o in objs
+        if o["kind"] == "MutatingWebhookConfiguration"
+        or "sidecar-injector" in o["metadata"]["name"]
+    ]
+    expect("objects rendered with webhook.enabled=false", left, [])
+
+    release, namespace = "store", "storage"
+    name = f"{release}-fusecsi-sidecar-injector"
+    objs = parse(helm_template(helm, release=release, namespace=namespace))
+    mwc = find(objs, "MutatingWebhookConfiguration")
+    expect("MutatingWebhookConfiguration name", mwc["metadata"]["name"], name)
+    expect(
+        "clientConfig.service",
+        [w["clientConfig"]["service"] for w in mwc["webhooks"]],
+        [{"name": name, "namespace": namespace, "path": "/mutate", "port": 443}],
+    )
+    service = find(objs, "Service", name)
+    expect("Service namespace", service["metadata"]["namespace"], namespace)
+    deployment = find(objs, "Deployment", name)
+    spec = deployment["spec"]["template"]["spec"]
+    expect("webhook serviceAccountName", spec["serviceAccountName"], name)
+    expect(
+        "Service selects the webhook's pods",
+        service["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items(),
+        True,
+    )
+    webhook = container(spec, "webhook")
+    expect(
+        "webhook --webhook-config-name",
+        [a for a in webhook["args"] if a.startswith("--webhook-config-name")],
+        [f"--webhook-config-name={name}"],
+    )
+    expect("webhook --driver-name", [a for a in webhook["args"] if "driver-name" in a], [])
+    expect(
+        "webhook config volume",
+        volume(spec, "config")["configMap"]["name"],
+        f"{release}-fusecsi-config",
+    )
+    expect(
+        "ClusterRole resourceNames",
+        [
+            r.get("resourceNames")
+            for r in find(objs, "ClusterRole", name)["rules"]
+            if "resourceNames" in r
+        ],
+        [[name]],
+    )
+    expect(
+        "Role resourceNames",
+        [r.get("resourceNames") for r in find(objs, "Role", name)["rules"] if "resourceNames" in r],
+        [[f"{name}-tls"]],
+    )
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        expect(
+            f"{kind} subjects",
+            find(objs, kind, name)["subjects"],
+            [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        )
 
 
 def check_bad_values_fail(helm: str, kubectl: str) -> None:
@@ -382,7 +468,11 @@ CHECKS: list[tuple[str, Callable[[str, str], None]]] = [
     ("helm lint --strict", check_lint),
     ("default values render the kustomize base + examples", check_same_as_kustomize),
     ("kubeletDir=/data/kubelet leaves no /var/lib/kubelet", check_kubelet_dir),
-    ("roots, driverName, logLevel, replicas, namespace.create, mountPodDir", check_custom_values),
+    (
+        "roots, driverName, logLevel, replicas, namespace.create, mountPodDir, webhook.replicas",
+        check_custom_values,
+    ),
+    ("webhook: enabled=false, another release name and namespace", check_webhook),
     ("bad values fail the render", check_bad_values_fail),
 ]
 

@@ -20,6 +20,17 @@ Names. The fullname is the release name when it already contains the chart name 
 {{- define "fusecsi.configName" -}}{{ include "fusecsi.fullname" . }}-config{{- end -}}
 
 {{/*
+The sidecar webhook's name: its MutatingWebhookConfiguration, Service, ServiceAccount, RBAC and
+Deployment, and (with -tls) the Secret it keeps its certificate in. The driver derives the
+Service, Secret and configuration names from it (setting webhook_config_name, default
+fusecsi-sidecar-injector), so the webhook gets --webhook-config-name when it differs. At most 63
+characters: it is the Service's name.
+*/}}
+{{- define "fusecsi.webhookName" -}}
+{{- printf "%s-sidecar-injector" (include "fusecsi.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
 Labels. Every object carries Helm's bookkeeping labels; the pods (and the workloads'
 selectors) carry the same name/component labels as the kustomize manifests, so that moving
 between the two keeps the immutable selectors.
