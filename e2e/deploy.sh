@@ -85,7 +85,8 @@ YAML
 kubectl kustomize "$overlay" >"$out/deploy.yaml" || fail "kustomize failed"
 kubectl apply -f "$out/deploy.yaml" >"$out/apply.log" 2>&1 || { cat "$out/apply.log"; fail "kubectl apply failed"; }
 kubectl -n fusecsi rollout status daemonset/fusecsi-node --timeout=180s >>"$out/apply.log" 2>&1 &&
-  kubectl -n fusecsi rollout status deployment/fusecsi-controller --timeout=180s >>"$out/apply.log" 2>&1 || {
+  kubectl -n fusecsi rollout status deployment/fusecsi-controller --timeout=180s >>"$out/apply.log" 2>&1 &&
+  kubectl -n fusecsi rollout status deployment/fusecsi-sidecar-injector --timeout=180s >>"$out/apply.log" 2>&1 || {
   kubectl -n fusecsi get pods -o wide; kubectl -n fusecsi describe pods | tail -n 60
   fail "fusecsi did not become ready"
 }
