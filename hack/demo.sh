@@ -28,6 +28,8 @@ log "starting one demo workload per strategy (namespace fusecsi-demo)"
 k apply -f e2e/demo/workloads.yaml >/dev/null
 k -n fusecsi-demo rollout status deployment/writer-hostpath --timeout=180s >/dev/null
 k -n fusecsi-demo rollout status deployment/writer-inprocess --timeout=180s >/dev/null
+k -n fusecsi-demo rollout status deployment/writer-mountpod --timeout=180s >/dev/null
+k -n fusecsi-demo rollout status deployment/writer-sidecar --timeout=180s >/dev/null
 sleep 6
 k -n fusecsi-demo get pvc,pods -o wide
 
@@ -44,6 +46,8 @@ Try:
   kubectl -n fusecsi-demo exec deploy/writer-inprocess -- df -h /data            # the 256Mi quota, as df sees it
   kubectl -n fusecsi-demo exec deploy/writer-inprocess -- dd if=/dev/zero of=/data/big bs=1M count=300   # ENOSPC
   kubectl -n fusecsi-demo patch pvc quota-inprocess -p '{"spec":{"resources":{"requests":{"storage":"512Mi"}}}}'
+  kubectl -n fusecsi get pods -l app.kubernetes.io/component=mount-pod -o wide   # one Mount Pod, two writers
+  kubectl -n fusecsi-demo get pod -l app=writer-sidecar -o jsonpath='{.items[0].spec.initContainers[0].securityContext}'   # the injected sidecar: no privilege
   ls /srv/fusecsi/fusecsi-demo/                                 # the volumes are directories of the root
   kubectl -n fusecsi logs daemonset/fusecsi-node -c fusecsi     # the driver's log (JSON)
 
