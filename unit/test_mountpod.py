@@ -365,6 +365,19 @@ async def test_a_restarted_plugin_drops_references_it_has_no_record_of(
     await anyio.to_thread.run_sync((kept.target / "still").write_text, "here")
 
 
+def offline_mountpod(tmp_path: Path, defaults: dict[str, str] | None = None) -> MountPodStrategy:
+    """A mountpod strategy without an API: enough to parse parameters."""
+    volumes = VolumeStore(Roots({"default": tmp_path}))
+    return MountPodStrategy(
+        clients=build_clients(volumes),
+        node=NODE,
+        connect=None,
+        host_dir=tmp_path / "mp",
+        images={},
+        defaults=defaults or {},
+    )
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
@@ -383,15 +396,7 @@ async def test_a_restarted_plugin_drops_references_it_has_no_record_of(
     ],
 )
 def test_bad_parameters_name_their_key(params: dict[str, str], field: str, tmp_path: Path) -> None:
-    volumes = VolumeStore(Roots({"default": tmp_path}))
-    strategy = MountPodStrategy(
-        clients=build_clients(volumes),
-        node=NODE,
-        connect=None,
-        host_dir=tmp_path / "mp",
-        images={},
-        defaults={},
-    )
+    strategy = offline_mountpod(tmp_path)
     with pytest.raises(InvalidArgument) as caught:
         chosen, parsed = StrategySet({"mountpod": strategy}, "mountpod").select(
             params, "volume_context"
@@ -401,14 +406,8 @@ def test_bad_parameters_name_their_key(params: dict[str, str], field: str, tmp_p
 
 
 def test_admin_defaults_apply_and_volume_parameters_win(tmp_path: Path) -> None:
-    volumes = VolumeStore(Roots({"default": tmp_path}))
-    strategy = MountPodStrategy(
-        clients=build_clients(volumes),
-        node=NODE,
-        connect=None,
-        host_dir=tmp_path / "mp",
-        images={},
-        defaults={"deleteDelay": "30s", "clientPriorityClass": "fusecsi-mounts"},
+    strategy = offline_mountpod(
+        tmp_path, {"deleteDelay": "30s", "clientPriorityClass": "fusecsi-mounts"}
     )
     _chosen, parsed = StrategySet({"mountpod": strategy}, "mountpod").select(
         {"deleteDelay": "5s"}, "volume_context"

@@ -30,19 +30,7 @@ if [[ ${1:-} == --ref-only ]]; then echo "$ref"; exit 0; fi
 stamp=$FUSECSI_CACHE/images/fusecsi.$sources_hash.$base_key.path
 if [[ -s $stamp && -s $(<"$stamp") ]]; then cat "$stamp"; exit 0; fi
 
-if [[ ! -s $base_tar ]]; then
-  log "debootstrap $SUITE with $PACKAGES (one-time, cached in $base_tar)"
-  command -v debootstrap >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
-  mkdir -p "$(dirname "$base_tar")"
-  base=$(mktemp -d "$FUSECSI_CACHE/rootfs/.debootstrap.XXXXXX")
-  nice_run debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$base" >&2
-  # Trim what a container never uses: apt lists, docs, man pages, locales.
-  rm -rf "$base"/var/lib/apt/lists/* "$base"/var/cache/apt/*.bin "$base"/usr/share/doc/* \
-    "$base"/usr/share/man/* "$base"/usr/share/locale/* "$base"/var/log/*
-  tar --numeric-owner -C "$base" -cf "$base_tar.tmp" .
-  mv "$base_tar.tmp" "$base_tar"
-  rm -rf "$base"
-fi
+cached_debian_rootfs "$base_tar" "$SUITE" "$PACKAGES"
 
 work=$(mktemp -d "$FUSECSI_CACHE/images/.fusecsi.XXXXXX")
 trap 'rm -rf "$work"' EXIT

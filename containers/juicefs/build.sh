@@ -43,19 +43,7 @@ if [[ -s $stamp && -s $(<"$stamp") ]]; then cat "$stamp"; exit 0; fi
 binary=$("$repo/hack/juicefs.sh" | tail -1)
 [[ -x $binary ]] || die "hack/juicefs.sh gave no binary"
 
-if [[ ! -s $base_tar ]]; then
-  log "debootstrap $SUITE with $PACKAGES (one-time, cached in $base_tar)"
-  command -v debootstrap >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
-  mkdir -p "$(dirname "$base_tar")"
-  base=$(mktemp -d "$FUSECSI_CACHE/rootfs/.debootstrap.XXXXXX")
-  nice_run debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$base" >&2
-  # Trim what a container never uses: apt lists, docs, man pages, locales.
-  rm -rf "$base"/var/lib/apt/lists/* "$base"/var/cache/apt/*.bin "$base"/usr/share/doc/* \
-    "$base"/usr/share/man/* "$base"/usr/share/locale/* "$base"/var/log/*
-  tar --numeric-owner -C "$base" -cf "$base_tar.tmp" .
-  mv "$base_tar.tmp" "$base_tar"
-  rm -rf "$base"
-fi
+cached_debian_rootfs "$base_tar" "$SUITE" "$PACKAGES"
 
 log "building image $ref"
 mkdir -p "$IMAGE_CACHE"

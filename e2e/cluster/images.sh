@@ -119,6 +119,24 @@ oci_image_from_rootfs() {
 # Runs BUILDER (a function that fills a rootfs dir and prints the entrypoint, one word a line)
 # only when no archive exists for KEY; prints the archive path. KEY must change whenever any
 # input of the image changes.
+# A minimal Debian rootfs (debootstrap minbase with PACKAGES) as a tarball at TAR, made once:
+# the image builds key TAR by suite and packages. Usage: cached_debian_rootfs TAR SUITE PACKAGES
+cached_debian_rootfs() {
+    local tar=$1 suite=$2 packages=$3 base
+    [[ -s $tar ]] && return 0
+    log "debootstrap $suite with $packages (one-time, cached in $tar)"
+    command -v debootstrap >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+    mkdir -p "$(dirname "$tar")"
+    base=$(mktemp -d "$(dirname "$tar")/.debootstrap.XXXXXX")
+    nice_run debootstrap --variant=minbase --include="$packages" "$suite" "$base" >&2
+    # Trim what a container never uses: apt lists, docs, man pages, locales.
+    rm -rf "$base"/var/lib/apt/lists/* "$base"/var/cache/apt/*.bin "$base"/usr/share/doc/* \
+        "$base"/usr/share/man/* "$base"/usr/share/locale/* "$base"/var/log/*
+    tar --numeric-owner -C "$base" -cf "$tar.tmp" .
+    mv "$tar.tmp" "$tar"
+    rm -rf "$base"
+}
+
 _cached_image() {
     local name=$1 key=$2 ref=$3 builder=$4 stamp archive rootfs entry=()
     stamp=$IMAGE_CACHE/$name.$key.path

@@ -27,7 +27,9 @@ READER = (
 )
 
 
-def app_pod(name: str, claim: str, command: str = "sleep 3600") -> dict[str, Any]:
+def app_pod(
+    name: str, claim: str, command: str = "sleep 3600", *, propagation: str = "HostToContainer"
+) -> dict[str, Any]:
     """A pod whose mount follows the host's (HostToContainer): it sees a re-bound volume."""
     return {
         "apiVersion": "v1",
@@ -45,7 +47,7 @@ def app_pod(name: str, claim: str, command: str = "sleep 3600") -> dict[str, Any
                         {
                             "name": "data",
                             "mountPath": "/data",
-                            "mountPropagation": "HostToContainer",
+                            "mountPropagation": propagation,
                         }
                     ],
                 }

@@ -6,33 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from e2e.tests.conftest import BUSYBOX, DRIVER_NAMESPACE
+from e2e.tests.conftest import DRIVER_NAMESPACE
 from e2e.tests.kube import Kubectl, wait_for
+from e2e.tests.test_mountpod import app_pod
 from e2e.tests.test_volumes import pvc_manifest, wait_bound, wait_running
 
 STORAGE_CLASS = "fusecsi-sidecar"
 WEBHOOK = "fusecsi-sidecar-injector"
-
-
-def app_pod(name: str, claim: str, command: str = "sleep 3600") -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": "app",
-                    "image": BUSYBOX,
-                    "imagePullPolicy": "IfNotPresent",
-                    "command": ["sh", "-c", command],
-                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                }
-            ],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
-        },
-    }
 
 
 def sidecars(pod: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,7 +46,7 @@ def test_a_pod_gets_an_unprivileged_sidecar_that_serves_its_volume(
 ) -> None:
     kubectl.apply(pvc_manifest("data", STORAGE_CLASS), namespace)
     wait_bound(kubectl, namespace, "data")
-    kubectl.apply(json.dumps(app_pod("app", "data")), namespace)
+    kubectl.apply(json.dumps(app_pod("app", "data", propagation="None")), namespace)
     pod = wait_running(kubectl, namespace, "app")
     (sidecar,) = sidecars(pod)
     assert sidecar["restartPolicy"] == "Always"
@@ -87,7 +67,9 @@ def test_a_pod_gets_an_unprivileged_sidecar_that_serves_its_volume(
 def test_a_job_with_a_sidecar_volume_completes(kubectl: Kubectl, namespace: str) -> None:
     kubectl.apply(pvc_manifest("data", STORAGE_CLASS), namespace)
     wait_bound(kubectl, namespace, "data")
-    template = app_pod("job", "data", "echo done > /data/result && cat /data/result")
+    template = app_pod(
+        "job", "data", "echo done > /data/result && cat /data/result", propagation="None"
+    )
     template["spec"]["restartPolicy"] = "Never"
     job = {
         "apiVersion": "batch/v1",
@@ -106,7 +88,7 @@ def test_a_job_with_a_sidecar_volume_completes(kubectl: Kubectl, namespace: str)
 def test_a_pod_not_selecting_the_strategy_is_untouched(kubectl: Kubectl, namespace: str) -> None:
     kubectl.apply(pvc_manifest("plain", "fusecsi-hostpath"), namespace)
     wait_bound(kubectl, namespace, "plain")
-    kubectl.apply(json.dumps(app_pod("app", "plain")), namespace)
+    kubectl.apply(json.dumps(app_pod("app", "plain", propagation="None")), namespace)
     pod = wait_running(kubectl, namespace, "app")
     assert not pod["spec"].get("initContainers")
     assert "fusecsi.io/sidecar-injected" not in (pod["metadata"].get("annotations") or {})
@@ -129,7 +111,7 @@ def test_with_the_webhook_down_the_pod_waits_with_an_event_saying_why(
             )["items"],
             timeout=60,
         )  # fmt: skip
-        kubectl.apply(json.dumps(app_pod("app", "data")), namespace)
+        kubectl.apply(json.dumps(app_pod("app", "data", propagation="None")), namespace)
         pod = kubectl.get("pod", "app", namespace)
         assert not sidecars(pod), "injected although the webhook is down"
         events = wait_for(

@@ -184,17 +184,11 @@ async def _handle_signals(
 
 def _detach_dead_mount(mountpoint: Path) -> None:
     """A previous server of this mountpoint that died (a restarted Mount Pod container) left a
-    dead FUSE mount there, on which mounting fails: detach it first. statfs, unlike stat, is
-    never answered from the kernel's cache, so it tells a dead mount at once (ENOTCONN)."""
+    dead FUSE mount there, on which mounting fails: detach it first."""
     from strategies.system import mounts
 
-    while mounts.mounted_at(mountpoint) is not None:
-        try:
-            os.statvfs(mountpoint)
-            return  # alive: someone else serves it; pyfuse3.init will stack on it or fail
-        except OSError as error:
-            logger.warning("detaching the dead mount at {}: {}", mountpoint, error.strerror)
-            mounts.unmount(mountpoint, detach=True)
+    if detached := mounts.detach_dead(mountpoint):
+        logger.warning("detached {} dead mount(s) at {}", detached, mountpoint)
 
 
 def _mount_device(mountpoint: bytes) -> str | None:

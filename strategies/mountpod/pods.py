@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,11 +244,6 @@ def recreatable(pod: Obj) -> Obj:
     keep = {key: meta[key] for key in ("name", "namespace", "labels", "annotations") if key in meta}
     spec = dict(pod["spec"])
     return {"apiVersion": "v1", "kind": "Pod", "metadata": keep, "spec": spec}
-
-
-def iter_ref_targets(pod: Obj) -> Iterator[Path]:
-    for value in refs(pod).values():
-        yield Path(value)
 
 
 def with_refs(manifest: Obj, targets: Mapping[str, str]) -> Obj:

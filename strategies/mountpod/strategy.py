@@ -20,7 +20,7 @@ import errno
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
@@ -226,7 +226,7 @@ class MountPodStrategy(Strategy[MountPodSpec]):
             ClientMount(
                 volume_id=publication.volume_id if whole_volume else "",
                 mountpoint=pods.MOUNTPOINT_IN_POD,
-                subdir=spec.path if whole_volume else spec.path.__class__("."),
+                subdir=spec.path if whole_volume else PurePosixPath("."),
                 capacity_bytes=spec.capacity_bytes if whole_volume else 0,
             ),
             secrets,
@@ -493,7 +493,7 @@ class MountPodStrategy(Strategy[MountPodSpec]):
                         return
                     await run_blocking(
                         f"clearing {self._mountpoint(name)}",
-                        _detach_dead,
+                        mounts.detach_dead,
                         self._mountpoint(name),
                     )
                     await self._recreate_if_gone(state)
@@ -666,30 +666,14 @@ async def _is_live(mountpoint: Path) -> bool:
         return False
 
 
-def _answers(path: Path) -> OSError | None:
-    """statfs `path`: None when its filesystem answers. Unlike stat, statfs is never served
-    from the kernel's attribute cache, so a dead FUSE server shows at once (ENOTCONN)."""
-    try:
-        os.statvfs(path)
-    except OSError as exc:
-        return exc
-    return None
-
-
 def _is_live_blocking(mountpoint: Path) -> bool:
     entry = mounts.mounted_at(mountpoint)
-    return entry is not None and entry.is_fuse and _answers(mountpoint) is None
+    return entry is not None and entry.is_fuse and mounts.probe_statfs(mountpoint) is None
 
 
 def _prepare_mountpoint(mountpoint: Path) -> None:
-    _detach_dead(mountpoint)
+    mounts.detach_dead(mountpoint)  # what a crashed client left: the next one mounts cleanly
     mountpoint.mkdir(parents=True, exist_ok=True)
-
-
-def _detach_dead(mountpoint: Path) -> None:
-    """Detach the dead FUSE mounts a crashed client left, so the next one mounts cleanly."""
-    while mounts.mounted_at(mountpoint) is not None and _answers(mountpoint) is not None:
-        mounts.unmount(mountpoint, detach=True)
 
 
 def _remove_pod_dir(directory: Path) -> None:
@@ -719,9 +703,9 @@ def _bind_over_dead(source: Path, target: Path, flags: int, make_source: bool) -
         except OSError as exc:
             raise FailedPrecondition(f"cannot create {source}: {exc.strerror}") from exc
     if mounts.mounted_at(target) is not None:
-        broken = _answers(target)
+        broken = mounts.probe_statfs(target)
         if broken is None:
             return
-        if broken.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENODEV):
+        if broken.errno not in mounts.DEAD_MOUNT_ERRNOS | {errno.ENODEV}:
             raise MountFailed(f"target {target} is unusable: {os.strerror(broken.errno or 0)}")
     mounts.bind(source, target, flags=flags)

@@ -293,3 +293,26 @@ def probe(path: Path) -> OSError | None:
     except OSError as exc:
         return exc
     return None
+
+
+def probe_statfs(path: Path) -> OSError | None:
+    """statfs `path`; None when its filesystem answers, else the OSError (dead FUSE: ENOTCONN).
+
+    Unlike stat (`probe`), statfs is never served from the kernel's attribute cache, so a dead
+    FUSE server shows at once. Blocking and possibly hanging: call through run_blocking.
+    """
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def detach_dead(mountpoint: Path) -> int:
+    """Detach the dead mounts stacked on `mountpoint` (a crashed FUSE server's) until the top
+    one answers or none is left; returns how many. Blocking: call through run_blocking."""
+    count = 0
+    while mounted_at(mountpoint) is not None and probe_statfs(mountpoint) is not None:
+        unmount(mountpoint, detach=True)
+        count += 1
+    return count
