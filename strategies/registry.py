@@ -64,6 +64,7 @@ def build_strategies(env: NodeEnvironment) -> Mapping[str, Strategy[Any]]:
             env.volumes,
             claim_of=cluster.claim_of if cluster is not None else None,
             sidecar_expected=cluster.sidecar_expected if cluster is not None else None,
+            images=env.client_images,
         ),
     ]
     return {strategy.name: strategy for strategy in strategies}

@@ -24,7 +24,7 @@ from strategies.base import Publication, Secrets, Strategy
 from strategies.errors import FailedPrecondition, InvalidArgument
 from strategies.params import Parameters
 from strategies.sidecar import contract
-from strategies.sidecar.spec import PARAMETERS, parse_sidecar_spec, sidecar_container
+from strategies.sidecar.spec import PARAMETERS, PROBE, parse_sidecar_spec, sidecar_container
 from strategies.sidecar.strategy import SidecarStrategy
 from strategies.volumes import Roots, VolumeStore
 from unit.harness import ContractEnv, StrategyContract
@@ -147,7 +147,7 @@ def test_the_sidecar_container_has_no_privilege(tmp_path: Path) -> None:
     spec = parse_sidecar_spec(
         Parameters({"path": "v"}, known=PARAMETERS, where="p"), Roots({"default": tmp_path})
     )
-    container = sidecar_container(spec, "abc", "fusecsi.local/fusecsi:1")
+    container = sidecar_container(spec, "abc", "fusecsi.local/fusecsi:1", "data")
     assert container["restartPolicy"] == "Always"
     security = container["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == 65534
@@ -159,7 +159,11 @@ def test_the_sidecar_container_has_no_privilege(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("params", "field"),
     [
-        ({"client": "juicefs"}, "p.client"),
+        ({"client": "nfs"}, "p.client"),
+        ({"client": "juicefs", "clientUser": "1:1"}, "p.clientUser"),
+        ({"client": "command"}, "p.command"),
+        ({"command": "x ${mountpoint}"}, "p.command"),
+        ({"client": "juicefs", "mountOptions": "-d"}, "p.mountOptions"),
         ({"clientUser": "0:0"}, "p.clientUser"),
         ({"clientUser": "nobody"}, "p.clientUser"),
         ({"clientResources": "[]"}, "p.clientResources"),
@@ -173,3 +177,180 @@ def test_bad_sidecar_parameters_name_their_key(
             Parameters(params, known=PARAMETERS, where="p"), Roots({"default": tmp_path})
         )
     assert caught.value.field == field
+
+
+# --- the privileged mode (clients that cannot take an fd) ----------------------------------
+
+
+def mount_fields(path: Path) -> tuple[str, str] | None:
+    """(fstype, optional fields) of the top mount at `path`, from /proc/self/mountinfo."""
+    found = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if fields[4] == str(path):
+            found = (right.split()[0], " ".join(fields[6:]))
+    return found
+
+
+def run_shell(script: str, *args: str) -> int:
+    return subprocess.run(["sh", "-c", script, "fusecsi-test", *args], check=False).returncode
+
+
+class PrivilegedPod:
+    """A pod's directories on the host: its emptyDir (tmpfs, as the webhook asks) and a target."""
+
+    def __init__(self, base: Path, *, tmpfs: bool = True) -> None:
+        self.target = base / "pods" / "uid-7" / "volumes" / "kubernetes.io~csi" / "pv-7" / "mount"
+        self.target.parent.mkdir(parents=True)
+        emptydir = contract.emptydir_on_host(self.target)
+        assert emptydir is not None
+        self.emptydir = emptydir
+        emptydir.mkdir(parents=True)
+        self.tmpfs = tmpfs
+        if tmpfs:
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(emptydir)], check=True)
+        self.key = contract.inline_key("pv-7")
+
+    def close(self) -> None:
+        if self.tmpfs:
+            subprocess.run(["umount", "-l", str(self.emptydir)], check=False)
+
+    def publication(
+        self, strategy: SidecarStrategy, values: dict[str, str], *, readonly: bool = False
+    ) -> Publication[Any]:
+        params = Parameters(values, known=PARAMETERS, where="volume_context")
+        return Publication(
+            volume_id="default/pv-7",
+            target=self.target,
+            strategy="sidecar",
+            parameters=dict(params),
+            readonly=readonly,
+            mount_flags=(),
+            spec=strategy.parse(params),
+        )
+
+    def sidecar_command(self, spec: Any) -> list[str]:
+        """The injected container's command, with its in-pod paths mapped to the host's (the
+        Bidirectional mount of the volume is the target itself)."""
+        container = sidecar_container(spec, self.key, "", "data")
+        mapping = {
+            str(contract.EMPTYDIR_MOUNT): str(self.emptydir),
+            str(contract.mountpoint_in_pod(self.key)): str(self.target),
+        }
+        command: list[str] = []
+        for word in container["command"]:
+            for pod_path, host_path in mapping.items():
+                word = word.replace(pod_path, host_path)
+            command.append(word)
+        return command
+
+
+@pytest.fixture
+def privileged_pod(tmp_path: Path) -> Iterator[PrivilegedPod]:
+    pod = PrivilegedPod(tmp_path)
+    yield pod
+    subprocess.run(["umount", "-R", "-l", str(pod.target)], check=False, capture_output=True)
+    pod.close()
+
+
+def command_volume(tmp_path: Path) -> dict[str, str]:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    return {
+        "client": "command",
+        "command": f"{sys.executable} -m csi fuse ${{source}} ${{mountpoint}}",
+        "source": str(data),
+    }
+
+
+def wait_served(target: Path, timeout: float = 20) -> None:
+    """What the startup probe does before kubelet starts the app containers."""
+    deadline = time.monotonic() + timeout
+    while run_shell(PROBE, str(target)) != 0:
+        assert time.monotonic() < deadline, f"no FUSE mount at {target}: {mount_fields(target)}"
+        time.sleep(0.1)
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount(2))")
+async def test_a_privileged_sidecar_mounts_with_the_credentials_the_plugin_left(
+    tmp_path: Path, privileged_pod: PrivilegedPod
+) -> None:
+    strategy = SidecarStrategy(VolumeStore(Roots({"default": tmp_path})))
+    publication = privileged_pod.publication(strategy, command_volume(tmp_path))
+    async with anyio.create_task_group() as tasks:
+        await strategy.start([], tasks)
+        await strategy.publish(publication, Secrets({"api-token": "s3cr3t value"}))
+        await strategy.publish(publication, Secrets({"api-token": "s3cr3t value"}))  # again
+
+        env_file = privileged_pod.emptydir / contract.env_file_name(privileged_pod.key)
+        assert os.stat(env_file).st_mode & 0o777 == 0o600
+        assert "export API_TOKEN='s3cr3t value'" in env_file.read_text()
+        fields = mount_fields(privileged_pod.target)
+        assert fields is not None and "shared:" in fields[1], fields  # Bidirectional needs it
+        assert run_shell(PROBE, str(privileged_pod.target)) == 1  # not served yet
+
+        command = privileged_pod.sidecar_command(publication.spec)
+        sidecar = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        try:
+            await anyio.to_thread.run_sync(wait_served, privileged_pod.target)
+            environ = Path(f"/proc/{sidecar.pid}/environ").read_bytes().split(b"\0")
+            assert b"API_TOKEN=s3cr3t value" in environ  # the client got it through env ...
+            assert b"s3cr3t" not in Path(f"/proc/{sidecar.pid}/cmdline").read_bytes()  # only
+            (privileged_pod.target / "hello").write_text("through the client")
+            assert (tmp_path / "data" / "hello").read_text() == "through the client"
+
+            # The client dies: its restart (kubelet's) detaches the dead mount and mounts again.
+            sidecar.kill()
+            sidecar.wait()
+            with pytest.raises(OSError):
+                os.listdir(privileged_pod.target)
+            sidecar = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+            await anyio.to_thread.run_sync(wait_served, privileged_pod.target)
+            assert (privileged_pod.target / "hello").read_text() == "through the client"
+        finally:
+            sidecar.terminate()
+            sidecar.wait(timeout=10)
+
+        await strategy.unpublish(publication)
+        assert mount_fields(privileged_pod.target) is None  # the FUSE mount and the shared bind
+        assert not env_file.exists()
+        await strategy.unpublish(publication)  # again: nothing to do
+        tasks.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount(2))")
+async def test_privileged_publish_refuses_what_it_cannot_honour(tmp_path: Path) -> None:
+    strategy = SidecarStrategy(VolumeStore(Roots({"default": tmp_path})))
+    on_disk = PrivilegedPod(tmp_path / "disk", tmpfs=False)
+    async with anyio.create_task_group() as tasks:
+        await strategy.start([], tasks)
+        # Credentials are never left on a disk-backed emptyDir.
+        publication = on_disk.publication(strategy, command_volume(tmp_path))
+        with pytest.raises(FailedPrecondition, match="not memory-backed"):
+            await strategy.publish(publication, Secrets({"token": "x"}))
+        assert mount_fields(on_disk.target) is None
+        assert not list(on_disk.emptydir.iterdir())
+        # A read-only volume: command has no way to be told; juicefs has.
+        pod = PrivilegedPod(tmp_path / "memory")
+        try:
+            readonly = pod.publication(strategy, command_volume(tmp_path), readonly=True)
+            with pytest.raises(FailedPrecondition, match="cannot be made read-only"):
+                await strategy.publish(readonly, Secrets())
+            juicefs = pod.publication(
+                strategy, {"client": "juicefs", "clientImage": "jfs"}, readonly=True
+            )
+            with pytest.raises(InvalidArgument) as caught:
+                await strategy.publish(juicefs, Secrets({"name": "v"}))
+            assert caught.value.field == "secrets.metaurl"
+            await strategy.publish(juicefs, Secrets({"name": "v", "metaurl": "redis://db/1"}))
+            env_file = pod.emptydir / contract.env_file_name(pod.key)
+            text = env_file.read_text()
+            assert "export FUSECSI_READ_ONLY=1" in text
+            assert "export JFS_METAURL=redis://db/1" in text
+            await strategy.unpublish(juicefs)
+        finally:
+            pod.close()
+        tasks.cancel_scope.cancel()

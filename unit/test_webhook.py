@@ -195,7 +195,10 @@ async def test_bound_pvcs_get_sidecars_before_existing_init_containers() -> None
     assert names.count(contract.EMPTYDIR_VOLUME) == 1
     assert names.count("fusecsi-root-default") == 1  # two volumes, one root
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
-    assert volumes[contract.EMPTYDIR_VOLUME] == {"name": contract.EMPTYDIR_VOLUME, "emptyDir": {}}
+    assert volumes[contract.EMPTYDIR_VOLUME] == {
+        "name": contract.EMPTYDIR_VOLUME,
+        "emptyDir": {"medium": "Memory"},  # the privileged mode leaves credentials there
+    }
     assert volumes["fusecsi-root-default"]["hostPath"] == {"path": "/mnt/jfs", "type": "Directory"}
     annotations = pod["metadata"]["annotations"]
     assert annotations[contract.INJECTED_ANNOTATION] == f"{orders},{cache}"
@@ -243,6 +246,63 @@ async def test_inline_csi_volume() -> None:
     assert "fusecsi-root-archive" in volume_names(pod)
     assert pod["metadata"]["annotations"][contract.INJECTED_ANNOTATION] == key
     assert lookup.calls == []  # inline volumes need no lookup
+
+
+JUICEFS_IMAGE = "registry.local/juicefs:1.4.1"
+
+
+def juicefs_review(**attributes: str) -> dict[str, Any]:
+    request = fixture("pod-inline-csi.json")
+    volume = request["request"]["object"]["spec"]["volumes"][0]
+    volume["csi"]["volumeAttributes"] = {"strategy": "sidecar", "client": "juicefs", **attributes}
+    return request
+
+
+async def test_a_client_that_cannot_take_an_fd_gets_a_privileged_sidecar() -> None:
+    request = juicefs_review(path="team/a", root="archive", mountOptions="cache-size=512")
+    settings = replace(SETTINGS, client_images={"juicefs": JUICEFS_IMAGE})
+    answer = await review(request, RecordedLookup(), settings)
+    response = check_envelope(request, answer)
+    assert "warnings" not in response
+    pod = patched_pod(request, answer)
+    key = contract.inline_key("scratch")
+    (sidecar,) = pod["spec"]["initContainers"]
+    assert sidecar["name"] == contract.container_name(key)
+    assert sidecar["image"] == JUICEFS_IMAGE  # the admin's image for the client
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["securityContext"] == {"privileged": True, "runAsUser": 0, "runAsGroup": 0}
+    mountpoint = f"/fusecsi-volumes/{key}"
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    # The pod's own volume, where the client mounts; Bidirectional carries it to the host.
+    assert mounts[mountpoint] == {
+        "name": "scratch",
+        "mountPath": mountpoint,
+        "mountPropagation": "Bidirectional",
+    }
+    assert mounts["/fusecsi-sidecar"]["readOnly"] is True
+    assert mounts["/mnt/archive"]["name"] == f"fusecsi-{key}-root"
+    command = sidecar["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert command[3:6] == ["fusecsi-sidecar", f"/fusecsi-sidecar/{key}.env", mountpoint]
+    assert "juicefs mount" in command[8]  # the client layer's script, as in a Mount Pod
+    assert command[9:] == ["fusecsi-juicefs", mountpoint, "/team/a", "0", "--cache-size=512"]
+    probe = sidecar["startupProbe"]["exec"]["command"]
+    assert probe[-1] == mountpoint and "/proc/self/mounts" in probe[2]
+    # No credentials and no reference to them: the node plugin hands the environment over.
+    assert "env" not in sidecar and "envFrom" not in sidecar
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    assert volumes[f"fusecsi-{key}-root"]["hostPath"]["path"] == "/mnt/archive"
+    assert volumes[contract.EMPTYDIR_VOLUME]["emptyDir"] == {"medium": "Memory"}
+    assert pod["spec"]["containers"] == request["request"]["object"]["spec"]["containers"]
+
+
+async def test_a_privileged_client_without_an_image_is_left_alone_with_a_warning() -> None:
+    request = juicefs_review()
+    response = check_envelope(request, await review(request, RecordedLookup(), SETTINGS))
+    no_patch(response)
+    (warning,) = response["warnings"]
+    assert "no image for the sidecar of client: juicefs" in warning
+    assert "client_images" in warning
 
 
 async def test_patched_pod_is_not_patched_again() -> None:
@@ -377,8 +437,11 @@ async def test_bad_storage_class_parameters_deny_the_pod() -> None:
     [
         ({"clientUser": "nobody"}, "volume scratch csi.volumeAttributes.clientUser: 'nobody'"),
         ({"root": "elsewhere"}, "csi.volumeAttributes.root: unknown root 'elsewhere'"),
-        ({"client": "juicefs"}, "csi.volumeAttributes.client: 'juicefs' cannot serve"),
-        ({"mountOptions": "ro"}, "csi.volumeAttributes.mountOptions: unknown parameter"),
+        ({"client": "nfs"}, "csi.volumeAttributes.client: 'nfs' is not one of"),
+        ({"mountOptions": "ro"}, "csi.volumeAttributes.mountOptions: is a parameter of client"),
+        ({"client": "juicefs", "clientUser": "1:1"}, "clientUser: is a parameter of client"),
+        ({"client": "command"}, "csi.volumeAttributes.command: is required for client: command"),
+        ({"share": "volume"}, "csi.volumeAttributes.share: unknown parameter"),
     ],
 )
 async def test_bad_inline_attributes_deny_with_the_field(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from e2e.tests.conftest import DRIVER_NAMESPACE
+import pytest
+
+from e2e.tests.conftest import DATA_ROOT, DRIVER_NAMESPACE
 from e2e.tests.kube import Kubectl, wait_for
 from e2e.tests.test_mountpod import app_pod
-from e2e.tests.test_volumes import pvc_manifest, wait_bound, wait_running
+from e2e.tests.test_volumes import pvc_manifest, static_pv_manifest, wait_bound, wait_running
 
 STORAGE_CLASS = "fusecsi-sidecar"
 WEBHOOK = "fusecsi-sidecar-injector"
@@ -126,3 +129,84 @@ def test_with_the_webhook_down_the_pod_waits_with_an_event_saying_why(
         kubectl.run(
             "rollout", "status", "deployment", WEBHOOK, "-n", DRIVER_NAMESPACE, "--timeout=120s"
         )
+
+
+def host_mounts_of(pod_uid: str) -> list[str]:
+    return [
+        line
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if f"/pods/{pod_uid}/" in line
+    ]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("FUSECSI_E2E_JUICEFS_IMAGE"),
+    reason="no JuiceFS client image (e2e/deploy.sh builds it and sets FUSECSI_E2E_JUICEFS_IMAGE)",
+)
+def test_juicefs_runs_in_a_privileged_sidecar_with_credentials_only_from_the_node_plugin(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    """JuiceFS cannot take a /dev/fuse fd: its sidecar mounts by itself (privileged mode)."""
+    store = DATA_ROOT / "juicefs-sidecar-e2e" / namespace
+    (store / "bucket").mkdir(parents=True)
+    metaurl = f"sqlite3://{store}/meta.db"
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "jfs"},
+        "stringData": {
+            "name": "e2e",
+            "metaurl": metaurl,
+            "storage": "file",
+            "bucket": f"{store}/bucket/",
+        },
+    }
+    kubectl.apply(json.dumps(secret), namespace)
+    pv_name = f"jfs-sidecar-{namespace}"
+    pv = json.loads(
+        static_pv_manifest(
+            pv_name,
+            namespace,
+            "jfs",
+            {
+                "strategy": "sidecar",
+                "client": "juicefs",
+                "root": "default",
+                "path": "apps/sidecar",
+                "capacity": "1Gi",
+                "clientImage": os.environ["FUSECSI_E2E_JUICEFS_IMAGE"],
+            },
+        )
+    )
+    pv["spec"]["csi"]["nodePublishSecretRef"] = {"name": "jfs", "namespace": namespace}
+    kubectl.apply(json.dumps(pv))
+    try:
+        kubectl.apply(pvc_manifest("jfs", "", "1Gi", volume_name=pv_name), namespace)
+        wait_bound(kubectl, namespace, "jfs")
+        kubectl.apply(json.dumps(app_pod("app", "jfs", propagation="None")), namespace)
+        pod = wait_running(kubectl, namespace, "app")
+        (sidecar,) = sidecars(pod)
+        assert sidecar["securityContext"]["privileged"] is True
+        assert {
+            "name": "data",
+            "mountPath": sidecar["volumeMounts"][1]["mountPath"],
+            "mountPropagation": "Bidirectional",
+        } in sidecar["volumeMounts"]
+        assert metaurl not in json.dumps(pod), "the metadata URL leaked into the pod"
+        # The app container, started after the sidecar's startup probe, sees JuiceFS.
+        mounts = kubectl.exec(namespace, "app", "grep ' /data ' /proc/mounts")
+        assert "fuse.juicefs" in mounts, mounts
+        kubectl.exec(namespace, "app", "echo through-the-juicefs-sidecar > /data/hello")
+        text = kubectl.exec(namespace, "app", "cat /data/hello").strip()
+        assert text == "through-the-juicefs-sidecar"
+        assert (store / "meta.db").exists(), "the volume was not formatted"
+        assert any((store / "bucket").rglob("*")), "no object reached the local bucket"
+        uid = pod["metadata"]["uid"]
+        assert any("juicefs" in line for line in host_mounts_of(uid)), "not on the host target"
+
+        kubectl.run("delete", "pod", "app", "-n", namespace, "--wait=true", "--timeout=120s")
+        # Kubelet tears the volumes down after the pod object is gone: give it that time.
+        wait_for("the pod's mounts to go", lambda: not host_mounts_of(uid), timeout=60)
+    finally:
+        kubectl.run("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
+        kubectl.run("delete", "pv", pv_name, "--wait=true", "--timeout=60s", check=False)

@@ -63,7 +63,8 @@ if [ "$quota" != 0 ] && [ "$subdir" != / ]; then
   ) &
 fi
 # A dead mount left here by a killed client is detached by juicefs itself before mounting.
-exec juicefs mount "$JFS_METAURL" "$mountpoint" --subdir "$subdir" "$@"
+exec juicefs mount "$JFS_METAURL" "$mountpoint" --subdir "$subdir" \
+  ${FUSECSI_READ_ONLY:+--read-only} "$@"
 """
 
 
@@ -76,6 +77,7 @@ class JuiceFSConfig:
 
 class JuiceFSClient(Client[JuiceFSConfig]):
     name = "juicefs"
+    read_only_env = "FUSECSI_READ_ONLY"
     parameters = {
         "root": "name of an allowed root to mount into the client's pod at its own path",
     }

@@ -6,6 +6,11 @@ container with `restartPolicy: Always`) that waits on a unix socket in a shared 
 NodePublishVolume the node plugin finds that emptyDir on the host from the target path
 (`<kubelet>/pods/<uid>/volumes/...`), mounts the target with a /dev/fuse fd and passes the fd
 (SCM_RIGHTS) to whoever connects to the socket of that volume.
+
+Clients that cannot take an fd (juicefs, command) run in the privileged mode instead: the
+sidecar mounts the pod's volume itself with `mountPropagation: Bidirectional` and its client
+mounts FUSE there; the node plugin makes the target a shared mount (so the FUSE mount reaches
+the host and the app containers) and leaves the client's environment in the emptyDir.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ OPT_OUT_LABEL = "fusecsi.io/sidecar-injection"
 """Namespace label (webhook namespaceSelector) and pod annotation; `disabled` opts out."""
 INJECTED_ANNOTATION = "fusecsi.io/sidecar-injected"
 """Set on a mutated pod: the volume keys it got sidecars for (comma-separated)."""
+VOLUME_MOUNT_ROOT = PurePosixPath("/fusecsi-volumes")
+"""Privileged mode: where a sidecar mounts the pod's volume itself (Bidirectional), per key."""
 
 
 def pvc_key(namespace: str, claim: str) -> str:
@@ -40,6 +47,17 @@ def container_name(key: str) -> str:
 
 def socket_in_pod(key: str) -> PurePosixPath:
     return EMPTYDIR_MOUNT / f"{key}.sock"
+
+
+def mountpoint_in_pod(key: str) -> PurePosixPath:
+    """Privileged mode: the sidecar's mount of the volume, where its client mounts FUSE."""
+    return VOLUME_MOUNT_ROOT / key
+
+
+def env_file_name(key: str) -> str:
+    """Privileged mode: the file in the emptyDir where the node plugin leaves the client's
+    environment (secret values included), read by the sidecar before it runs the client."""
+    return f"{key}.env"
 
 
 def emptydir_on_host(target: Path) -> Path | None:

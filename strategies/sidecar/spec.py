@@ -1,4 +1,11 @@
-"""The parameters of a sidecar volume, and the container the webhook injects for it."""
+"""The parameters of a sidecar volume, and the container the webhook injects for it.
+
+A sidecar serves its volume in one of two ways, fixed by the client:
+
+* `builtin` takes a /dev/fuse fd from the node plugin and runs unprivileged (`FdServing`);
+* `juicefs` and `command` cannot take an fd: their sidecar is privileged, mounts the pod's
+  volume itself with Bidirectional propagation and runs the client on it (`PrivilegedServing`).
+"""
 
 from __future__ import annotations
 
@@ -6,45 +13,89 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
+from strategies.base import Secrets
+from strategies.clients.base import Client, ClientContainer, ClientMount
+from strategies.clients.command import CommandClient
+from strategies.clients.juicefs import JuiceFSClient
 from strategies.errors import InvalidArgument
 from strategies.params import Parameters
 from strategies.sidecar import contract
 from strategies.volumes import Location, Roots
 
 PARAMETERS = {
-    "client": "the FUSE client in the sidecar; only builtin takes a /dev/fuse fd today",
-    "root": "name of an allowed root that holds the data; default: `default`",
-    "path": "directory of the volume, relative to the root; default: the root itself",
+    "client": "builtin (default: an unprivileged sidecar fed a /dev/fuse fd), juicefs or "
+    "command (a privileged sidecar that mounts by itself)",
+    "root": "name of an allowed root: builtin's data; juicefs/command: mounted into the sidecar",
+    "path": "directory of the volume: below the root (builtin), in the filesystem (others)",
     "capacity": "capacity of a static volume (e.g. 10Gi); dynamic volumes use the PVC's size",
-    "clientImage": "image of the sidecar (default: the webhook's sidecar_image setting)",
+    "clientImage": "image of the sidecar (default: the webhook's sidecar_image setting for "
+    "builtin, its client_images setting for the others)",
     "clientResources": 'JSON requests/limits of the sidecar, e.g. {"limits": {"memory": "512Mi"}}',
-    "clientUser": "uid:gid the sidecar runs as (never 0); default 65534:65534",
+    "clientUser": "builtin: uid:gid the sidecar runs as (never 0); default 65534:65534",
+    "mountOptions": "juicefs/command: comma-separated options for the client",
+    **{key: text for key, text in CommandClient.parameters.items() if key != "root"},
 }
 FD_CLIENTS = ("builtin",)
+PRIVILEGED_CLIENTS = ("juicefs", "command")
+_CLIENT_ONLY = {"clientUser": FD_CLIENTS, "mountOptions": PRIVILEGED_CLIENTS}
+_CLIENT_ONLY.update({key: ("command",) for key in CommandClient.parameters if key != "root"})
+
+
+@dataclass(frozen=True, slots=True)
+class FdServing:
+    """builtin: the node plugin mounts with a /dev/fuse fd; an unprivileged sidecar serves it."""
+
+    location: Location
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrivilegedServing:
+    """juicefs, command: the sidecar's client mounts FUSE on the pod's volume by itself."""
+
+    client: Client[Any]
+    config: Any
+    subdir: PurePosixPath
+
+    def container(
+        self, volume_id: str, key: str, capacity_bytes: int, secrets: Secrets
+    ) -> ClientContainer:
+        """The client's container, mounting at the sidecar's mount of the volume."""
+        mount = ClientMount(
+            volume_id=volume_id,
+            mountpoint=str(contract.mountpoint_in_pod(key)),
+            subdir=self.subdir,
+            capacity_bytes=capacity_bytes,
+        )
+        return self.client.container(self.config, mount, secrets)
 
 
 @dataclass(frozen=True, slots=True)
 class SidecarSpec:
     client: str
-    location: Location
+    serving: FdServing | PrivilegedServing
     capacity_bytes: int
     image: str
+    """The sidecar's image; "" for the webhook's default (builtin only)."""
     resources: dict[str, Any]
-    uid: int
-    gid: int
 
 
-def parse_sidecar_spec(params: Parameters, roots: Roots) -> SidecarSpec:
-    client = params.text("client", "builtin")
-    if client not in FD_CLIENTS:
-        raise InvalidArgument(
-            params.field("client"),
-            f"{client!r} cannot serve a /dev/fuse fd; the sidecar strategy supports: "
-            f"{', '.join(FD_CLIENTS)} (use strategy: mountpod for other clients)",
-        )
+def parse_sidecar_spec(
+    params: Parameters, roots: Roots, images: Mapping[str, str] | None = None
+) -> SidecarSpec:
+    """Validate a sidecar volume's parameters; `images` are the admin's per-client images."""
+    client = params.choice("client", FD_CLIENTS + PRIVILEGED_CLIENTS, "builtin")
+    for key, clients in _CLIENT_ONLY.items():
+        if key in params and client not in clients:
+            raise InvalidArgument(
+                params.field(key), f"is a parameter of client: {', '.join(clients)}, not {client}"
+            )
     resources: Any = {}
     if "clientResources" in params:
         try:
@@ -55,16 +106,27 @@ def parse_sidecar_spec(params: Parameters, roots: Roots) -> SidecarSpec:
             raise InvalidArgument(
                 params.field("clientResources"), "must be a JSON object of requests and limits"
             )
-    uid, gid = _user(params)
+    serving: FdServing | PrivilegedServing
+    if client in FD_CLIENTS:
+        uid, gid = _user(params)
+        serving = FdServing(roots.locate(params), uid, gid)
+        image = params.text("clientImage", "")
+    else:
+        runner = privileged_clients(roots)[client]
+        config = runner.parse(params, (images or {}).get(client, ""))
+        serving = PrivilegedServing(runner, config, params.relative("path"))
+        image = config.image
     return SidecarSpec(
         client=client,
-        location=roots.locate(params),
+        serving=serving,
         capacity_bytes=params.size("capacity") or 0,
-        image=params.text("clientImage", ""),
+        image=image,
         resources=resources,
-        uid=uid,
-        gid=gid,
     )
+
+
+def privileged_clients(roots: Roots) -> dict[str, Client[Any]]:
+    return {"juicefs": JuiceFSClient(roots), "command": CommandClient(roots)}
 
 
 def _user(params: Parameters) -> tuple[int, int]:
@@ -79,19 +141,69 @@ def _user(params: Parameters) -> tuple[int, int]:
     return uid, gid
 
 
-def sidecar_container(spec: SidecarSpec, key: str, default_image: str) -> dict[str, Any]:
-    """The native sidecar (init container, restartPolicy Always) serving one volume.
+# Privileged mode: wait for the environment the node plugin wrote at NodePublishVolume (before
+# any container started, so normally at once), detach the dead mount a previous client left,
+# then become the client. Arguments: the env file, the mount point, then the client's command.
+WRAPPER = r"""set -eu
+env_file=$1 mountpoint=$2
+shift 2
+waited=0
+while [ ! -r "$env_file" ]; do
+  if [ "$waited" -ge 600 ]; then
+    echo "fusecsi: the node plugin left no $env_file; is the volume published?" >&2
+    exit 1
+  fi
+  sleep 1
+  waited=$((waited + 1))
+done
+. "$env_file"
+if ! [ -d "$mountpoint" ]; then
+  umount -l "$mountpoint" 2>/dev/null || fusermount -uz "$mountpoint" 2>/dev/null || true
+fi
+exec "$@"
+"""
+# Privileged mode: the startup probe; app containers start once the top mount is FUSE.
+PROBE = r"""top=
+while read -r device point type rest; do
+  if [ "$point" = "$1" ]; then top=$type; fi
+done < /proc/self/mounts
+case $top in fuse | fuse.*) exit 0 ;; esac
+exit 1
+"""
+STARTUP_SECONDS = 600
+"""How long a privileged sidecar may take to mount (a first `juicefs format` included)."""
 
-    It runs `fusecsi sidecar`, which waits for the node plugin's /dev/fuse fd on the volume's
-    socket and then serves the volume's directory through it: no privilege, no capability.
-    """
-    root = os.fspath(spec.location.root)
-    source = os.path.normpath(os.path.join(root, spec.location.path))
-    return {
+
+def sidecar_image(spec: SidecarSpec, default_image: str) -> str:
+    """The sidecar's image; "" when there is none (only builtin falls back to the webhook's)."""
+    if spec.image:
+        return spec.image
+    return default_image if isinstance(spec.serving, FdServing) else ""
+
+
+def sidecar_container(
+    spec: SidecarSpec, key: str, default_image: str, volume_name: str
+) -> dict[str, Any]:
+    """The native sidecar (init container, restartPolicy Always) serving pod volume
+    `volume_name`."""
+    container: dict[str, Any] = {
         "name": contract.container_name(key),
-        "image": spec.image or default_image,
+        "image": sidecar_image(spec, default_image),
         "imagePullPolicy": "IfNotPresent",
         "restartPolicy": "Always",
+        "resources": spec.resources,
+    }
+    if isinstance(spec.serving, FdServing):
+        return container | _fd_sidecar(spec.serving, key)
+    return container | _privileged_sidecar(spec, spec.serving, key, volume_name)
+
+
+def _fd_sidecar(serving: FdServing, key: str) -> dict[str, Any]:
+    """`fusecsi sidecar` waits for the node plugin's /dev/fuse fd on the volume's socket, then
+    serves the volume's directory through it: no privilege, no capability."""
+    root = os.fspath(serving.location.root)
+    source = os.path.normpath(os.path.join(root, serving.location.path))
+    return {
         "command": [
             "fusecsi",
             "sidecar",
@@ -100,10 +212,9 @@ def sidecar_container(spec: SidecarSpec, key: str, default_image: str) -> dict[s
             "--source",
             source,
         ],
-        "resources": spec.resources,
         "securityContext": {
-            "runAsUser": spec.uid,
-            "runAsGroup": spec.gid,
+            "runAsUser": serving.uid,
+            "runAsGroup": serving.gid,
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
             "privileged": False,
@@ -113,25 +224,66 @@ def sidecar_container(spec: SidecarSpec, key: str, default_image: str) -> dict[s
         },
         "volumeMounts": [
             {"name": contract.EMPTYDIR_VOLUME, "mountPath": str(contract.EMPTYDIR_MOUNT)},
-            {"name": root_volume_name(spec), "mountPath": root},
+            {"name": root_volume_name(serving.location), "mountPath": root},
         ],
     }
 
 
-def root_volume_name(spec: SidecarSpec) -> str:
+def _privileged_sidecar(
+    spec: SidecarSpec, serving: PrivilegedServing, key: str, volume_name: str
+) -> dict[str, Any]:
+    """The client mounts FUSE on the sidecar's own mount of the pod volume; Bidirectional
+    propagation (privileged only) carries that mount to the host's target and so to the app
+    containers, which start after the startup probe has seen it. No secret is in the spec: the
+    node plugin hands the environment over through the emptyDir."""
+    mountpoint = str(contract.mountpoint_in_pod(key))
+    client = serving.container("", key, spec.capacity_bytes, Secrets())
+    env_file = str(contract.EMPTYDIR_MOUNT / contract.env_file_name(key))
+    return {
+        "command": ["sh", "-c", WRAPPER, "fusecsi-sidecar", env_file, mountpoint, *client.command],
+        "securityContext": {"privileged": True, "runAsUser": 0, "runAsGroup": 0},
+        "startupProbe": {
+            "exec": {"command": ["sh", "-c", PROBE, "fusecsi-probe", mountpoint]},
+            "periodSeconds": 1,
+            "timeoutSeconds": 5,
+            "failureThreshold": STARTUP_SECONDS,
+        },
+        "volumeMounts": [
+            {
+                "name": contract.EMPTYDIR_VOLUME,
+                "mountPath": str(contract.EMPTYDIR_MOUNT),
+                "readOnly": True,
+            },
+            {"name": volume_name, "mountPath": mountpoint, "mountPropagation": "Bidirectional"},
+            *({**m, "name": _client_volume_name(key, m["name"])} for m in client.volume_mounts),
+        ],
+    }
+
+
+def _client_volume_name(key: str, name: str) -> str:
+    return f"fusecsi-{key}-{name}"[:63]
+
+
+def sidecar_volumes(spec: SidecarSpec, key: str) -> list[dict[str, Any]]:
+    """The pod volumes a sidecar needs besides the shared emptyDir (names unique per need)."""
+    if isinstance(spec.serving, FdServing):
+        location = spec.serving.location
+        return [
+            {
+                "name": root_volume_name(location),
+                "hostPath": {"path": os.fspath(location.root), "type": "Directory"},
+            }
+        ]
+    client = spec.serving.container("", key, spec.capacity_bytes, Secrets())
+    return [{**v, "name": _client_volume_name(key, v["name"])} for v in client.volumes]
+
+
+def root_volume_name(location: Location) -> str:
     """A valid volume name (DNS label) for the root, whatever characters its name has."""
-    name = re.sub(r"[^a-z0-9-]", "-", spec.location.root_name.lower()).strip("-")
-    digest = hashlib.sha256(spec.location.root_name.encode()).hexdigest()[:8]
+    name = re.sub(r"[^a-z0-9-]", "-", location.root_name.lower()).strip("-")
+    digest = hashlib.sha256(location.root_name.encode()).hexdigest()[:8]
     return (
         f"fusecsi-root-{name[:40]}-{digest}"
-        if name != spec.location.root_name
+        if name != location.root_name
         else (f"fusecsi-root-{name}"[:63])
     )
-
-
-def root_volume(spec: SidecarSpec) -> dict[str, Any]:
-    """The allowed root as a hostPath volume of the pod (the builtin client reads it)."""
-    return {
-        "name": root_volume_name(spec),
-        "hostPath": {"path": os.fspath(spec.location.root), "type": "Directory"},
-    }

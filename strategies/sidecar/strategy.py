@@ -11,6 +11,12 @@ A restarted sidecar connects again: the fd of the first connection belongs to a 
 that already did its INIT handshake, which a new libfuse server cannot take over, so the plugin
 mounts a fresh connection *on top of* the dead one and hands that. Containers that mount the
 volume with `mountPropagation: HostToContainer` see it (as with Mount Pods).
+
+Clients that cannot take an fd (juicefs, command) run in a privileged sidecar that mounts by
+itself (see spec.py). For them NodePublish makes the target a shared bind of itself, so that
+the FUSE mount the sidecar makes on its Bidirectional mount of the volume reaches the host's
+target and the app containers, and leaves the client's environment (its secret values included)
+in the pod's memory-backed emptyDir, where only the sidecar reads it.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +35,18 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from strategies.base import Publication, Secrets, Strategy, VolumeStats
+from strategies.clients.base import ClientContainer
 from strategies.errors import FailedPrecondition, Unavailable
 from strategies.params import Parameters
 from strategies.sidecar import contract
-from strategies.sidecar.spec import PARAMETERS, SidecarSpec, parse_sidecar_spec
-from strategies.system import fusefd
+from strategies.sidecar.spec import (
+    PARAMETERS,
+    FdServing,
+    PrivilegedServing,
+    SidecarSpec,
+    parse_sidecar_spec,
+)
+from strategies.system import fusefd, mounts
 from strategies.system.blocking import run_blocking
 from strategies.system.locks import KeyedLocks
 from strategies.system.paths import resolve_inside
@@ -72,8 +86,10 @@ class SidecarStrategy(Strategy[SidecarSpec]):
         *,
         claim_of: ClaimOf | None = None,
         sidecar_expected: SidecarExpected | None = None,
+        images: Mapping[str, str] | None = None,
     ) -> None:
         self.volumes = volumes
+        self.images = dict(images or {})
         self.claim_of = claim_of
         self.sidecar_expected = sidecar_expected
         self._handoffs: dict[Path, Handoff] = {}
@@ -81,7 +97,7 @@ class SidecarStrategy(Strategy[SidecarSpec]):
         self._tasks: TaskGroup | None = None
 
     def parse(self, params: Parameters) -> SidecarSpec:
-        return parse_sidecar_spec(params, self.volumes.roots)
+        return parse_sidecar_spec(params, self.volumes.roots, self.images)
 
     def ready(self) -> bool:
         return self._tasks is not None
@@ -92,9 +108,13 @@ class SidecarStrategy(Strategy[SidecarSpec]):
         self._tasks = tasks
         for publication in publications:
             # The running sidecar keeps serving; listen again so that a restarted one can
-            # reconnect (it gets a fresh mount stacked on the dead one).
+            # reconnect (it gets a fresh mount stacked on the dead one). A privileged sidecar
+            # needs nothing from the plugin once published.
             try:
                 key = await self._key(publication)
+                if isinstance(publication.spec.serving, PrivilegedServing):
+                    self._handoffs[publication.target] = Handoff(publication, key)
+                    continue
                 await self._listen(Handoff(publication, key, handed=1))
             except Exception as exc:
                 logger.bind(target=str(publication.target)).warning(
@@ -106,8 +126,7 @@ class SidecarStrategy(Strategy[SidecarSpec]):
             raise Unavailable("the sidecar strategy has not started yet")
         target = publication.target
         async with self._locks.hold(target):
-            current = self._handoffs.get(target)
-            if current is not None and current.listener is not None:
+            if target in self._handoffs:
                 return  # republished (kubelet does that): mounted and listening already
             key = await self._key(publication)
             emptydir = contract.emptydir_on_host(target)
@@ -118,26 +137,75 @@ class SidecarStrategy(Strategy[SidecarSpec]):
                 )
             if not await run_blocking(f"checking {emptydir}", emptydir.is_dir):
                 await self._explain_missing_sidecar(publication, key)
+            serving = publication.spec.serving
+            if isinstance(serving, FdServing):
+                await self._publish_fd(publication, serving, key)
+            else:
+                await self._publish_privileged(publication, serving, key, emptydir, secrets)
+
+    async def _publish_fd(
+        self, publication: Publication[SidecarSpec], serving: FdServing, key: str
+    ) -> None:
+        target = publication.target
+        await run_blocking(f"checking the volume of {target}", self._check_source, serving)
+        flags = bind_flags(readonly=publication.readonly, mount_flags=publication.mount_flags)
+        fd = await run_blocking(
+            f"FUSE mount at {target}",
+            fusefd.mount_fuse_fd,
+            target,
+            fsname=f"fusecsi:{publication.volume_id}",
+            subtype="fusecsi",
+            flags=flags,
+        )
+        handoff = Handoff(publication, key, first_fd=fd)
+        try:
+            await self._listen(handoff)
+        except BaseException:
+            os.close(fd)
+            with anyio.CancelScope(shield=True):
+                await release_target(target)
+            raise
+
+    async def _publish_privileged(
+        self,
+        publication: Publication[SidecarSpec],
+        serving: PrivilegedServing,
+        key: str,
+        emptydir: Path,
+        secrets: Secrets,
+    ) -> None:
+        """Leave the client's environment for the sidecar, and make the target a shared mount
+        for the sidecar's FUSE mount to propagate back to."""
+        if publication.mount_flags:
+            raise FailedPrecondition(
+                f"mount flags ({', '.join(publication.mount_flags)}) cannot be applied to a mount "
+                f"that client: {publication.spec.client} makes in its sidecar; use mountOptions"
+            )
+        serving.client.check_secrets(serving.config, secrets)
+        environment = client_environment(
+            serving.container(publication.volume_id, key, publication.spec.capacity_bytes, secrets)
+        )
+        if publication.readonly:
+            variable = serving.client.read_only_env
+            if variable is None:
+                raise FailedPrecondition(
+                    f"client: {publication.spec.client} cannot be made read-only by fusecsi in a "
+                    "sidecar; mount it read-write, or use strategy: mountpod"
+                )
+            environment[variable] = "1"
+        env_path = emptydir / contract.env_file_name(key)
+        target = publication.target
+        try:
             await run_blocking(
-                f"checking the volume of {target}", self._check_source, publication.spec
+                f"writing {env_path}", _write_environment, emptydir, env_path, environment
             )
-            flags = bind_flags(readonly=publication.readonly, mount_flags=publication.mount_flags)
-            fd = await run_blocking(
-                f"FUSE mount at {target}",
-                fusefd.mount_fuse_fd,
-                target,
-                fsname=f"fusecsi:{publication.volume_id}",
-                subtype="fusecsi",
-                flags=flags,
-            )
-            handoff = Handoff(publication, key, first_fd=fd)
-            try:
-                await self._listen(handoff)
-            except BaseException:
-                os.close(fd)
-                with anyio.CancelScope(shield=True):
-                    await release_target(target)
-                raise
+            await run_blocking(f"sharing {target}", _share_target, target)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await release_target(target)
+                await run_blocking(f"removing {env_path}", _remove, env_path)
+            raise
+        self._handoffs[target] = Handoff(publication, key)
 
     async def unpublish(self, publication: Publication[SidecarSpec]) -> None:
         async with self._locks.hold(publication.target):
@@ -191,8 +259,9 @@ class SidecarStrategy(Strategy[SidecarSpec]):
             f"the pod's {contract.EMPTYDIR_VOLUME} emptyDir is not set up yet; kubelet retries"
         )
 
-    def _check_source(self, spec: SidecarSpec) -> None:
-        source = resolve_inside(spec.location.root, spec.location.path, field="volume_context.path")
+    def _check_source(self, serving: FdServing) -> None:
+        location = serving.location
+        source = resolve_inside(location.root, location.path, field="volume_context.path")
         check_directory_blocking(source, "volume directory")
 
     async def _listen(self, handoff: Handoff) -> None:
@@ -283,7 +352,8 @@ class SidecarStrategy(Strategy[SidecarSpec]):
 
     def _message(self, publication: Publication[SidecarSpec]) -> dict[str, object]:
         spec = publication.spec
-        location = spec.location
+        assert isinstance(spec.serving, FdServing)
+        location = spec.serving.location
         record = self.volumes.record_file(publication.volume_id)
         return {
             "source": os.path.normpath(os.path.join(location.root, location.path)),
@@ -301,8 +371,52 @@ class SidecarStrategy(Strategy[SidecarSpec]):
             handoff.first_fd = None
         emptydir = contract.emptydir_on_host(handoff.publication.target)
         if emptydir is not None:
-            try:
-                os.unlink(emptydir / f"{handoff.key}.sock")
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):
-                    logger.warning("sidecar: cannot remove the socket: {}", exc)
+            for name in (f"{handoff.key}.sock", contract.env_file_name(handoff.key)):
+                _remove(emptydir / name)
+
+
+def client_environment(container: ClientContainer) -> dict[str, str]:
+    """The client container's env with the secret references resolved to their values."""
+    environment = {}
+    for item in container.env:
+        reference = (item.get("valueFrom") or {}).get("secretKeyRef")
+        value = container.secret_data[reference["key"]] if reference else item.get("value", "")
+        environment[str(item["name"])] = str(value)
+    return environment
+
+
+def _write_environment(emptydir: Path, path: Path, environment: Mapping[str, str]) -> None:
+    """Write `export NAME='value'` lines, readable by root only, into the pod's emptyDir; only
+    when that emptyDir is in memory, since the values may be secret."""
+    entry = mounts.mounted_at(emptydir)
+    if environment and (entry is None or entry.fstype != "tmpfs"):
+        raise FailedPrecondition(
+            f"the pod's {contract.EMPTYDIR_VOLUME} emptyDir is not memory-backed (medium: "
+            "Memory), so the client's credentials cannot be left there; recreate the pod so "
+            "that the webhook sets it up"
+        )
+    lines = ["# The environment of the fusecsi sidecar's client, from the node plugin."]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in environment.items()]
+    partial = path.with_name(path.name + ".new")
+    _remove(partial)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    os.replace(partial, path)
+
+
+def _share_target(target: Path) -> None:
+    """Make `target` a shared bind of itself: a Bidirectional container mount needs a shared
+    host mount (containerd checks), and the sidecar's FUSE mount propagates back through it."""
+    os.makedirs(target, exist_ok=True)
+    if not mounts.is_mount_point(target):
+        mounts.bind(target, target)
+    mounts.make_shared(target)
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):
+            logger.warning("sidecar: cannot remove {}: {}", path, exc)

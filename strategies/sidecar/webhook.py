@@ -31,8 +31,9 @@ from strategies.sidecar.spec import (
     PARAMETERS,
     SidecarSpec,
     parse_sidecar_spec,
-    root_volume,
     sidecar_container,
+    sidecar_image,
+    sidecar_volumes,
 )
 from strategies.volumes import Roots
 
@@ -70,6 +71,9 @@ class ReviewSettings(Protocol):
 
     @property
     def sidecar_image(self) -> str: ...
+
+    @property
+    def client_images(self) -> Mapping[str, str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +205,11 @@ async def _review_request(
         admission.response = {"allowed": True}
         return
     for volume in found:
-        if not (volume.spec.image or settings.sidecar_image):
-            raise _Skip(f"volume {volume.volume}: no image for the sidecar (clientImage)")
+        if not sidecar_image(volume.spec, settings.sidecar_image):
+            raise _Skip(
+                f"volume {volume.volume}: no image for the sidecar of client: "
+                f"{volume.spec.client} (clientImage, or the webhook's client_images)"
+            )
     patch = _patch(pod, spec, metadata, annotations, volumes, found, settings)
     admission.outcome = "injected"
     admission.injected = tuple(volume.key for volume in found)
@@ -241,7 +248,8 @@ async def _sidecar_volumes(
                     continue
                 seen.add(key)
                 params = Parameters(values, known=PARAMETERS, where=where)
-                found.append(SidecarVolume(volume["name"], key, parse_sidecar_spec(params, roots)))
+                spec = parse_sidecar_spec(params, roots, settings.client_images)
+                found.append(SidecarVolume(volume["name"], key, spec))
     except TimeoutError:
         raise _Skip(f"the API lookups took longer than {timeout:g}s") from None
     except InvalidArgument:
@@ -343,20 +351,21 @@ def _patch(
     names = {volume.get("name") for volume in volumes if isinstance(volume, dict)}
     new_volumes: list[Obj] = []
     if contract.EMPTYDIR_VOLUME not in names:
-        new_volumes.append({"name": contract.EMPTYDIR_VOLUME, "emptyDir": {}})
+        # In memory: the privileged mode's env files hold credentials, never written to disk.
+        new_volumes.append({"name": contract.EMPTYDIR_VOLUME, "emptyDir": {"medium": "Memory"}})
         names.add(contract.EMPTYDIR_VOLUME)
     for volume in found:
-        root = root_volume(volume.spec)
-        if root["name"] not in names:
-            new_volumes.append(root)
-            names.add(root["name"])
+        for needed in sidecar_volumes(volume.spec, volume.key):
+            if needed["name"] not in names:
+                new_volumes.append(needed)
+                names.add(needed["name"])
     ops: list[Obj] = []
     if new_volumes:
         if isinstance(spec.get("volumes"), list):
             ops += [_add("/spec/volumes/-", item) for item in new_volumes]
         else:  # absent or null: "add" creates (or replaces) the member
             ops.append(_add("/spec/volumes", new_volumes))
-    sidecars = [sidecar_container(v.spec, v.key, settings.sidecar_image) for v in found]
+    sidecars = [sidecar_container(v.spec, v.key, settings.sidecar_image, v.volume) for v in found]
     if isinstance(spec.get("initContainers"), list):
         # First, in order: they start before any init container that might read the volume.
         ops += [_add(f"/spec/initContainers/{i}", item) for i, item in enumerate(sidecars)]

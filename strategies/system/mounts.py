@@ -39,6 +39,7 @@ MS_NOATIME = 0x400
 MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_SHARED = 0x100000
 MS_RELATIME = 0x200000
 MS_STRICTATIME = 0x1000000
 MNT_FORCE = 0x1
@@ -124,6 +125,11 @@ def bind(source: Path, target: Path, *, flags: int = 0) -> None:
         except OSError as exc:
             unmount(target, detach=True)
             raise MountFailed(f"applying mount flags on {target} failed: {exc.strerror}") from exc
+
+
+def make_shared(target: Path) -> None:
+    """Put the mount at `target` in a peer group of its own (MS_SHARED)."""
+    mount("none", target, None, MS_SHARED, None)
 
 
 def unmount(target: Path, *, detach: bool = False, follow: bool = True) -> bool:
