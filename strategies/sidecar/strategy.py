@@ -13,10 +13,11 @@ mounts a fresh connection *on top of* the dead one and hands that. Containers th
 volume with `mountPropagation: HostToContainer` see it (as with Mount Pods).
 
 Clients that cannot take an fd (juicefs, command) run in a privileged sidecar that mounts by
-itself (see spec.py). For them NodePublish makes the target a shared bind of itself, so that
-the FUSE mount the sidecar makes on its Bidirectional mount of the volume reaches the host's
-target and the app containers, and leaves the client's environment (its secret values included)
-in the pod's memory-backed emptyDir, where only the sidecar reads it.
+itself (see spec.py). For them NodePublish makes sure the target lives on a shared mount
+(kubelet's directory normally is; otherwise the target becomes a shared bind of itself), so
+that the FUSE mount the sidecar makes on its Bidirectional mount of the volume reaches the
+host's target and the app containers, and leaves the client's environment (its secret values
+included) in the pod's memory-backed emptyDir, where only the sidecar reads it.
 """
 
 from __future__ import annotations
@@ -406,9 +407,14 @@ def _write_environment(emptydir: Path, path: Path, environment: Mapping[str, str
 
 
 def _share_target(target: Path) -> None:
-    """Make `target` a shared bind of itself: a Bidirectional container mount needs a shared
-    host mount (containerd checks), and the sidecar's FUSE mount propagates back through it."""
+    """Make sure `target` lives on a shared mount: containerd only accepts a Bidirectional
+    container mount of a shared host mount, and the sidecar's FUSE mount propagates back to the
+    host through that peer group. Kubelet keeps its directory shared, so normally there is
+    nothing to do; otherwise the target becomes a shared bind of itself."""
     os.makedirs(target, exist_ok=True)
+    holder = mounts.containing_mount(target)
+    if holder is not None and holder.shared:
+        return
     if not mounts.is_mount_point(target):
         mounts.bind(target, target)
     mounts.make_shared(target)

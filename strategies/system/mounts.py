@@ -187,10 +187,16 @@ class MountEntry:
     fstype: str
     source: str
     super_options: frozenset[str]
+    propagation: tuple[str, ...] = ()
+    """The optional fields: `shared:N`, `master:N`, ... (none for a private mount)."""
 
     @property
     def readonly(self) -> bool:
         return "ro" in self.options
+
+    @property
+    def shared(self) -> bool:
+        return any(tag.startswith("shared:") for tag in self.propagation)
 
     @property
     def is_fuse(self) -> bool:
@@ -252,6 +258,7 @@ def parse_mountinfo(text: str, *, mount_point: str | None = None) -> list[MountE
                 super_options=frozenset(fields[sep + 3].split(","))
                 if len(fields) > sep + 3
                 else frozenset(),
+                propagation=tuple(fields[6:sep]),
             )
         )
     return entries
@@ -281,6 +288,18 @@ def mounts_at(path: Path, table: list[MountEntry] | None = None) -> list[MountEn
     if table is None:
         return parse_mountinfo(_read_mountinfo(), mount_point=where)
     return [entry for entry in table if entry.mount_point == where]
+
+
+def containing_mount(path: Path, table: list[MountEntry] | None = None) -> MountEntry | None:
+    """The mount `path` lives on: the top mount of the longest mount point above it."""
+    best: MountEntry | None = None
+    for entry in table if table is not None else mount_table():
+        point = Path(entry.mount_point)
+        if path.is_relative_to(point) and (
+            best is None or len(point.parts) >= len(Path(best.mount_point).parts)
+        ):
+            best = entry
+    return best
 
 
 def mounted_at(path: Path, table: list[MountEntry] | None = None) -> MountEntry | None:
