@@ -130,6 +130,13 @@ class Settings:
         default="",
         metadata=_doc("sidecar webhook: image of the injected sidecars; default: its own image"),
     )
+    webhook_lookup_cache: float = field(
+        default=5.0,
+        metadata=_doc(
+            "sidecar webhook: seconds a PV, StorageClass or bound PVC it read serves other "
+            "reviews (one API request per object for a burst of pods); 0: read every time"
+        ),
+    )
     webhook_config_name: str = field(
         default="fusecsi-sidecar-injector",
         metadata=_doc(
@@ -249,3 +256,7 @@ def _validate(settings: Settings) -> None:
     for path in settings.allowed_target_dirs:
         if not path.is_absolute():
             raise SettingsError(f"setting allowed_target_dirs: {path} must be absolute")
+    if not settings.webhook_lookup_cache >= 0:  # NaN too
+        raise SettingsError(
+            f"setting webhook_lookup_cache: {settings.webhook_lookup_cache} must be 0 or more"
+        )

@@ -1,8 +1,10 @@
 """`fusecsi webhook`: the sidecar injector's HTTPS server and the certificate it serves with.
 
-POST /mutate answers AdmissionReviews with `strategies.sidecar.webhook.admit`; GET /healthz says
-the server is up. The certificate lives in the Secret `<webhook_config_name>-tls` of the
-webhook's namespace: a self-signed CA and a serving certificate for
+POST /mutate answers AdmissionReviews with `strategies.sidecar.webhook.admit`, reading PVCs, PVs
+and StorageClasses from the API through a `CachedLookup` (one request per object for a burst of
+pods, answers reused for `webhook_lookup_cache` seconds), and logs one line per review; GET
+/healthz says the server is up. The certificate lives in the Secret `<webhook_config_name>-tls`
+of the webhook's namespace: a self-signed CA and a serving certificate for
 `<webhook_config_name>.<namespace>.svc`, made here when the Secret is missing, or its certificate
 is unusable or expires within 30 days (every replica checks at start and every 12 hours). The CA
 bundle goes into the `caBundle` of every webhook of the MutatingWebhookConfiguration
@@ -12,6 +14,7 @@ connections use it without a restart. See docs/strategies/sidecar.md.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import json
@@ -19,7 +22,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +39,7 @@ from loguru import logger
 from csi.settings import Settings
 from strategies.kube.cluster import ApiError, KubeCluster, Obj
 from strategies.kube.objects import KubeObjects, first_container_image
-from strategies.sidecar.webhook import Lookup, admit
+from strategies.sidecar.webhook import Admission, Lookup, admit
 
 VALIDITY = datetime.timedelta(days=365)
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -427,32 +430,139 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class CachedLookup:
+    """A `Lookup` that reuses what it read for `ttl` seconds, and sends one API request for all
+    the reviews that ask for the same object at the same time (a Deployment scaled up creates
+    its pods in a burst, all naming the same claims).
+
+    It keeps only answers that cannot change while the object exists: a PersistentVolume (its
+    `spec.csi` is immutable), a StorageClass (provisioner and parameters are immutable) and a
+    PVC bound to a volume (`volumeName` and `storageClassName` no longer change). "Not found"
+    and an unbound PVC are never kept: the claim may appear or bind at any moment. What `ttl`
+    bounds is an object deleted and recreated under the same name with other parameters. The
+    answers are shared between reviews, which only read them."""
+
+    def __init__(
+        self, lookup: Lookup, ttl: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.lookup = lookup
+        self.ttl = ttl
+        self.clock = clock
+        self.kept: dict[tuple[str, ...], tuple[float, Obj]] = {}
+        """key -> (expiry, answer)"""
+        self.asking: dict[tuple[str, ...], asyncio.Future[Obj | None]] = {}
+        self.requests = 0
+        """API requests sent, for tests and benchmarks."""
+        self._next_prune = 0.0
+
+    async def get_pvc(self, namespace: str, name: str) -> Obj | None:
+        return await self._get(
+            ("pvc", namespace, name), lambda: self.lookup.get_pvc(namespace, name), _bound
+        )
+
+    async def get_pv(self, name: str) -> Obj | None:
+        return await self._get(("pv", name), lambda: self.lookup.get_pv(name), _found)
+
+    async def get_storage_class(self, name: str) -> Obj | None:
+        return await self._get(
+            ("storageclass", name), lambda: self.lookup.get_storage_class(name), _found
+        )
+
+    async def _get(
+        self,
+        key: tuple[str, ...],
+        ask: Callable[[], Awaitable[Obj | None]],
+        keep: Callable[[Obj | None], bool],
+    ) -> Obj | None:
+        now = self.clock()
+        kept = self.kept.get(key)
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        asking = self.asking.get(key)
+        if asking is None:
+            self.requests += 1
+            asking = asyncio.ensure_future(ask())
+            self.asking[key] = asking
+            asking.add_done_callback(lambda done: self._answered(key, done, keep, now))
+        # Shielded: a review that gives up (its lookup budget) leaves the request to the others.
+        return await asyncio.shield(asking)
+
+    def _answered(
+        self,
+        key: tuple[str, ...],
+        done: asyncio.Future[Obj | None],
+        keep: Callable[[Obj | None], bool],
+        asked: float,
+    ) -> None:
+        del self.asking[key]
+        if done.cancelled() or done.exception() is not None:  # the waiters see the error
+            return
+        answer = done.result()
+        if answer is None or not keep(answer):
+            self.kept.pop(key, None)
+            return
+        now = self.clock()
+        if now >= self._next_prune:
+            self.kept = {k: v for k, v in self.kept.items() if v[0] > now}
+            self._next_prune = now + self.ttl
+        self.kept[key] = (asked + self.ttl, answer)  # from when it was asked: never older
+
+
+def _found(answer: Obj | None) -> bool:
+    return answer is not None
+
+
+def _bound(pvc: Obj | None) -> bool:
+    spec = (pvc or {}).get("spec")
+    return (
+        isinstance(spec, dict)
+        and isinstance(spec.get("volumeName"), str)
+        and bool(spec["volumeName"])
+    )
+
+
+def log_admission(admission: Admission, took: float) -> None:
+    """One line per review: INFO, or WARNING when the review carries warnings (they are in the
+    line, as is a denial's reason). Reviews carry no secrets: a pod spec names Secrets, and
+    volume parameters are not secret."""
+    response = admission.response["response"]
+    details = ""
+    if admission.outcome == "denied":
+        details += f": {(response.get('status') or {}).get('message', '')}"
+    if admission.warnings:
+        details += f" (warnings: {'; '.join(admission.warnings)})"
+    logger.bind(pod=admission.pod, outcome=admission.outcome).log(
+        "WARNING" if admission.warnings else "INFO",
+        "admission {} {}: {}{} in {:.1f} ms{}",
+        response.get("uid") or "-",
+        admission.pod or "-",
+        admission.outcome,
+        f" {','.join(admission.injected)}" if admission.injected else "",
+        took * 1000,
+        details,
+    )
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def build_app(lookup: Lookup, settings: Settings) -> web.Application:
+    """The webhook's routes; lookups go through a `CachedLookup` unless
+    `settings.webhook_lookup_cache` is 0."""
     app = web.Application(client_max_size=MAX_BODY)
+    if settings.webhook_lookup_cache > 0:
+        lookup = CachedLookup(lookup, settings.webhook_lookup_cache)
 
     async def mutate(request: web.Request) -> web.Response:
         started = time.perf_counter()
         try:
             body = json.loads(await request.read())
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError too
             return web.json_response({"message": "the body is not JSON"}, status=400)
         admission = await admit(body, lookup, settings)
-        response = admission.response["response"]
-        logger.bind(pod=admission.pod, outcome=admission.outcome).info(
-            "admission {} {}: {}{} in {:.1f} ms",
-            response.get("uid") or "-",
-            admission.pod or "-",
-            admission.outcome,
-            f" {','.join(admission.injected)}" if admission.injected else "",
-            (time.perf_counter() - started) * 1000,
-        )
-        for warning in admission.warnings:
-            logger.bind(pod=admission.pod).warning("admission {}: {}", admission.pod, warning)
-        if admission.outcome == "denied":
-            logger.bind(pod=admission.pod).info(
-                "admission {} denied: {}", admission.pod, response["status"]["message"]
-            )
-        return web.json_response(admission.response)
+        log_admission(admission, time.perf_counter() - started)
+        return web.Response(body=_dumps(admission.response), content_type="application/json")
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")
