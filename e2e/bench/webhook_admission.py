@@ -283,7 +283,9 @@ class Subject:
     server_cpu: float = 0.0
     apiserver_cpu: float = 0.0
     client_cpu: float = 0.0
-    check: Callable[[bytes], None] | None = None
+    check: Callable[[bytes], str] | None = None
+    not_injected: dict[str, int] = field(default_factory=dict)
+    """why -> how many answers did not inject"""
 
 
 def own_claims(review: bytes) -> Iterator[bytes]:
@@ -298,10 +300,15 @@ def own_claims(review: bytes) -> Iterator[bytes]:
         yield json.dumps(item).encode()
 
 
-def check_injected(body: bytes) -> None:
+def check_injected(body: bytes) -> str:
+    """Empty when the answer injects, else why not (a lookup over its budget admits the pod
+    unchanged, with a warning: counted and reported, not fatal)."""
     response = json.loads(body)["response"]
-    if not response.get("allowed") or response.get("patchType") != "JSONPatch":
-        raise RuntimeError(f"the webhook did not inject: {response}")
+    if not response.get("allowed"):
+        raise RuntimeError(f"the webhook refused the pod: {response}")
+    if response.get("patchType") != "JSONPatch":
+        return "; ".join(response.get("warnings") or ["no patch"])
+    return ""
 
 
 async def burst(
@@ -324,8 +331,8 @@ async def burst(
             if answer.status != 200:
                 raise RuntimeError(f"{subject.path}: HTTP {answer.status}: {body[:200]!r}")
         took = time.perf_counter() - began
-        if subject.check is not None:
-            subject.check(body)
+        if subject.check is not None and (why := subject.check(body)):
+            subject.not_injected[why] = subject.not_injected.get(why, 0) + 1
         return took
 
     if subject.body is None or isinstance(subject.body, bytes):
@@ -392,6 +399,7 @@ async def measure(args: argparse.Namespace, work: Path) -> None:
             for subject in subjects:  # warm-up: connections, caches, imports
                 session = fresh if subject.new_connections else kept
                 await burst(session, url, subject, context, args.concurrency)
+                subject.not_injected.clear()
             for _ in range(args.rounds):
                 for subject in subjects:
                     session = fresh if subject.new_connections else kept
@@ -429,6 +437,7 @@ def report(args: argparse.Namespace, subjects: list[Subject]) -> None:
                 ms(subject.server_cpu / len(subject.latencies)),
                 ms(subject.apiserver_cpu / len(subject.latencies)),
                 ms(subject.client_cpu / len(subject.latencies)),
+                str(sum(subject.not_injected.values())) if subject.check else "-",
             ]
         )
     print()
@@ -446,9 +455,13 @@ def report(args: argparse.Namespace, subjects: list[Subject]) -> None:
         "server CPU/req",
         "fake apiserver CPU/req",
         "client CPU/req",
+        "not injected",
     ]
     print(benchlib.table(headers, rows))
     print()
+    for subject in subjects:
+        for why, count in subject.not_injected.items():
+            print(f"{subject.name}: {count} answer(s) did not inject: {why}")
     for admission in subjects:
         if admission.path != "/mutate" or admission.new_connections:
             continue
