@@ -304,6 +304,8 @@ def check_custom_values(helm: str, kubectl: str) -> None:
         f"mountPodDir={mountpod_dir}",
         "--set",
         "webhook.replicas=3",
+        "--set",
+        "clientImages.juicefs=registry.example/juicefs:1.4.1",
     )
     left = [line.strip() for line in text.splitlines() if DEFAULT_MOUNTPOD_DIR in line]
     if left:
@@ -318,6 +320,7 @@ def check_custom_values(helm: str, kubectl: str) -> None:
             "log_format": "json",
             "log_level": "DEBUG",
             "roots": roots,
+            "client_images": {"juicefs": "registry.example/juicefs:1.4.1"},
         },
     )
     expect("CSIDriver name", find(objs, "CSIDriver")["metadata"]["name"], driver)
@@ -469,7 +472,8 @@ CHECKS: list[tuple[str, Callable[[str, str], None]]] = [
     ("default values render the kustomize base + examples", check_same_as_kustomize),
     ("kubeletDir=/data/kubelet leaves no /var/lib/kubelet", check_kubelet_dir),
     (
-        "roots, driverName, logLevel, replicas, namespace.create, mountPodDir, webhook.replicas",
+        "roots, driverName, logLevel, replicas, namespace.create, mountPodDir, webhook.replicas, "
+        "clientImages",
         check_custom_values,
     ),
     ("webhook: enabled=false, another release name and namespace", check_webhook),
