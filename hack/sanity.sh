@@ -5,13 +5,15 @@
 # name in SANITY_NODE and the builtin client's image in SANITY_BUILTIN_IMAGE. Its Mount Pods run
 # in the namespace fusecsi-sanity on that node, which is this machine, so the driver started
 # here sees their mounts.
+# sidecar runs here too: the target sits in a pod-like directory, and a loop plays kubelet
+# restarting the pod's `fusecsi sidecar`, which takes each published fd and serves it.
 # For each strategy it prints csi-sanity's "Ran N of M Specs" line and "N passed, N failed";
 # the last line sums them up. Exit status: non-zero when any spec failed.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 strategies=("$@")
-((${#strategies[@]})) || strategies=(hostPath inprocess)
+((${#strategies[@]})) || strategies=(hostPath inprocess sidecar)
 "$REPO_ROOT/hack/go-tools.sh"
 sanity=$FUSECSI_CACHE/bin/csi-sanity-$CSI_SANITY_VERSION
 
@@ -20,7 +22,7 @@ for strategy in "${strategies[@]}"; do
   work=$(mktemp -d /tmp/fusecsi-sanity.XXXXXX)
   mkdir -p "$work/data" "$work/mnt"
   printf 'strategy: %s\n' "$strategy" >"$work/parameters.yaml"
-  extra=() node=sanity-node
+  extra=() node=sanity-node mountdir=$work/mnt/target sidecar=
   if [[ $strategy == mountpod ]]; then
     : "${KUBECONFIG:?mountpod sanity needs KUBECONFIG (the local cluster)}"
     node=${SANITY_NODE:?} extra=(--kubeconfig "$KUBECONFIG" --namespace fusecsi-sanity
@@ -34,6 +36,16 @@ for strategy in "${strategies[@]}"; do
       "${KUBECTL:-kubectl}" label --local -f - -o yaml pod-security.kubernetes.io/enforce=privileged |
       "${KUBECTL:-kubectl}" apply -f - >/dev/null
   fi
+  if [[ $strategy == sidecar ]]; then
+    # kubelet's layout: <pods>/<uid>/volumes/kubernetes.io~csi/<volume>/<target>, and the
+    # pod's emptyDir where the node plugin listens for the sidecar.
+    mountdir=$work/mnt/pods/sanity/volumes/kubernetes.io~csi/vol
+    emptydir=$work/mnt/pods/sanity/volumes/kubernetes.io~empty-dir/fusecsi-sidecar
+    mkdir -p "$emptydir" "$(dirname "$mountdir")"
+    key=$("$VENV/bin/python" -c 'from strategies.sidecar import contract; print(contract.inline_key("vol"))')
+    (cd "$emptydir" && while :; do "$VENV/bin/fusecsi" sidecar --socket "$key.sock" 2>>"$work/sidecar.log"; sleep 0.1; done) &
+    sidecar=$!
+  fi
   "$VENV/bin/fusecsi" all "${extra[@]}" \
     --endpoint "unix://$work/csi.sock" --node-id "$node" \
     --root "default=$(readlink -f "$work/data")" --allowed-target-dir "$work/mnt" \
@@ -44,13 +56,17 @@ for strategy in "${strategies[@]}"; do
 
   set +e
   "$sanity" -csi.endpoint "unix://$work/csi.sock" \
-    -csi.mountdir "$work/mnt/target" -csi.stagingdir "$work/mnt/staging" \
+    -csi.mountdir "$mountdir" -csi.stagingdir "$work/mnt/staging" \
     -csi.testvolumeparameters "$work/parameters.yaml" \
     -ginkgo.no-color \
     -ginkgo.junit-report "$work/junit.xml" >"$work/sanity.log" 2>&1
   result=$?
   set -e
   kill -TERM "$driver" 2>/dev/null; wait "$driver" 2>/dev/null || true
+  if [[ -n $sidecar ]]; then
+    pkill -TERM -P "$sidecar" 2>/dev/null; kill -TERM "$sidecar" 2>/dev/null
+    wait "$sidecar" 2>/dev/null || true
+  fi
 
   ran=$(grep -m1 -E '^Ran [0-9]+ of [0-9]+ Specs' "$work/sanity.log" || echo "Ran ? of ? Specs (no summary)")
   summary=$(grep -m1 -E '(SUCCESS|FAIL)! -- ' "$work/sanity.log" || true)
