@@ -243,6 +243,7 @@ async def test_inline_csi_volume() -> None:
     assert sidecar["securityContext"]["runAsUser"] == 1000
     assert sidecar["resources"] == {"limits": {"memory": "256Mi"}, "requests": {"cpu": "50m"}}
     assert {"name": "fusecsi-root-archive", "mountPath": "/mnt/archive"} in sidecar["volumeMounts"]
+    assert {"name": f"fusecsi-{key}-scratch", "mountPath": "/tmp"} in sidecar["volumeMounts"]
     assert "fusecsi-root-archive" in volume_names(pod)
     assert pod["metadata"]["annotations"][contract.INJECTED_ANNOTATION] == key
     assert lookup.calls == []  # inline volumes need no lookup
@@ -281,6 +282,9 @@ async def test_a_client_that_cannot_take_an_fd_gets_a_privileged_sidecar() -> No
     }
     assert mounts["/fusecsi-sidecar"]["readOnly"] is True
     assert mounts["/mnt/archive"]["name"] == f"fusecsi-{key}-root"
+    # Scratch and JuiceFS's cache in emptyDirs of the pod (billed to it, gone with it).
+    assert mounts["/tmp"]["name"] == f"fusecsi-{key}-scratch"
+    assert mounts["/var/jfsCache"]["name"] == f"fusecsi-{key}-cache"
     command = sidecar["command"]
     assert command[:2] == ["sh", "-c"]
     assert command[3:6] == ["fusecsi-sidecar", f"/fusecsi-sidecar/{key}.env", mountpoint]
@@ -292,6 +296,8 @@ async def test_a_client_that_cannot_take_an_fd_gets_a_privileged_sidecar() -> No
     assert "env" not in sidecar and "envFrom" not in sidecar
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
     assert volumes[f"fusecsi-{key}-root"]["hostPath"]["path"] == "/mnt/archive"
+    assert volumes[f"fusecsi-{key}-scratch"]["emptyDir"] == {}
+    assert volumes[f"fusecsi-{key}-cache"]["emptyDir"] == {}
     assert volumes[contract.EMPTYDIR_VOLUME]["emptyDir"] == {"medium": "Memory"}
     assert pod["spec"]["containers"] == request["request"]["object"]["spec"]["containers"]
 

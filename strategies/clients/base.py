@@ -59,6 +59,10 @@ class Client(abc.ABC, Generic[ConfigT]):
     parameters: ClassVar[Mapping[str, str]]
     """The parameter keys this client reads, with a one-line description each."""
 
+    cache_dir: ClassVar[str | None] = None
+    """Where the client keeps its cache in its container, if it has one: a strategy may put a
+    volume of its own there."""
+
     read_only_env: ClassVar[str | None] = None
     """An env var that, set to 1, makes the container mount read-only; None if there is none
     (a strategy that binds the client's mount read-only does not need it)."""

@@ -78,6 +78,7 @@ class JuiceFSConfig:
 class JuiceFSClient(Client[JuiceFSConfig]):
     name = "juicefs"
     read_only_env = "FUSECSI_READ_ONLY"
+    cache_dir = "/var/jfsCache"  # `juicefs mount`'s default --cache-dir for root
     parameters = {
         "root": "name of an allowed root to mount into the client's pod at its own path",
     }

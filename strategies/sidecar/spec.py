@@ -170,6 +170,9 @@ done < /proc/self/mounts
 case $top in fuse | fuse.*) exit 0 ;; esac
 exit 1
 """
+SCRATCH_DIR = "/tmp"
+"""Every sidecar gets an emptyDir here: the client's temporary files (its root filesystem may
+be read-only)."""
 STARTUP_SECONDS = 600
 """How long a privileged sidecar may take to mount (a first `juicefs format` included)."""
 
@@ -225,6 +228,7 @@ def _fd_sidecar(serving: FdServing, key: str) -> dict[str, Any]:
         "volumeMounts": [
             {"name": contract.EMPTYDIR_VOLUME, "mountPath": str(contract.EMPTYDIR_MOUNT)},
             {"name": root_volume_name(serving.location), "mountPath": root},
+            {"name": _own_volume_name(key, "scratch"), "mountPath": SCRATCH_DIR},
         ],
     }
 
@@ -255,27 +259,40 @@ def _privileged_sidecar(
                 "readOnly": True,
             },
             {"name": volume_name, "mountPath": mountpoint, "mountPropagation": "Bidirectional"},
-            *({**m, "name": _client_volume_name(key, m["name"])} for m in client.volume_mounts),
+            {"name": _own_volume_name(key, "scratch"), "mountPath": SCRATCH_DIR},
+            *(
+                [{"name": _own_volume_name(key, "cache"), "mountPath": serving.client.cache_dir}]
+                if serving.client.cache_dir
+                else []
+            ),
+            *({**m, "name": _own_volume_name(key, m["name"])} for m in client.volume_mounts),
         ],
     }
 
 
-def _client_volume_name(key: str, name: str) -> str:
+def _own_volume_name(key: str, name: str) -> str:
+    """A pod volume of one sidecar: its scratch and cache emptyDirs, its client's volumes."""
     return f"fusecsi-{key}-{name}"[:63]
 
 
 def sidecar_volumes(spec: SidecarSpec, key: str) -> list[dict[str, Any]]:
-    """The pod volumes a sidecar needs besides the shared emptyDir (names unique per need)."""
+    """The pod volumes a sidecar needs besides the shared emptyDir (names unique per need): its
+    scratch space (its root filesystem may be read-only), a cache for a client that keeps one
+    (billed to the pod, gone with it), and what the client reads (the root, for builtin)."""
+    own = [{"name": _own_volume_name(key, "scratch"), "emptyDir": {}}]
     if isinstance(spec.serving, FdServing):
         location = spec.serving.location
         return [
             {
                 "name": root_volume_name(location),
                 "hostPath": {"path": os.fspath(location.root), "type": "Directory"},
-            }
+            },
+            *own,
         ]
+    if spec.serving.client.cache_dir:
+        own.append({"name": _own_volume_name(key, "cache"), "emptyDir": {}})
     client = spec.serving.container("", key, spec.capacity_bytes, Secrets())
-    return [{**v, "name": _client_volume_name(key, v["name"])} for v in client.volumes]
+    return [*own, *({**v, "name": _own_volume_name(key, v["name"])} for v in client.volumes)]
 
 
 def root_volume_name(location: Location) -> str:
