@@ -1,8 +1,9 @@
 """`fusecsi webhook`: the sidecar injector's HTTPS server and the certificate it serves with.
 
 POST /mutate answers AdmissionReviews with `strategies.sidecar.webhook.admit`, reading PVCs, PVs
-and StorageClasses from the API through a `CachedLookup` (one request per object for a burst of
-pods, answers reused for `webhook_lookup_cache` seconds), and logs one line per review; GET
+and StorageClasses from watches (`WatchedLookup`: no API request per review), with live GETs
+for what the watches have not seen yet, through a `CachedLookup` (one request per object for a
+burst of pods, answers reused for `webhook_lookup_cache` seconds), and logs one line per review; GET
 /healthz says the server is up. The certificate lives in the Secret `<webhook_config_name>-tls`
 of the webhook's namespace: a self-signed CA and a serving certificate for
 `<webhook_config_name>.<namespace>.svc`, made here when the Secret is missing, or its certificate
@@ -38,7 +39,7 @@ from loguru import logger
 
 from csi.settings import Settings
 from strategies.kube.cluster import ApiError, KubeCluster, Obj
-from strategies.kube.objects import KubeObjects, first_container_image
+from strategies.kube.objects import KubeObjects, WatchedLookup, first_container_image
 from strategies.sidecar.webhook import Admission, Lookup, admit
 
 VALIDITY = datetime.timedelta(days=365)
@@ -625,9 +626,11 @@ async def run_webhook(settings: Settings) -> None:
         names = CertificateNames.from_settings(settings)
         tls = ServingTls(settings.webhook_cert_dir)
         await refresh_certificate(objects, tls, names, utcnow())
+        lookup = WatchedLookup(cluster, objects)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_stop_on_signal, tasks.cancel_scope, name="signals")
-            await tasks.start(serve_webhook, settings, objects, tls.context, name="https")
+            tasks.start_soon(lookup.run, name="watches")
+            await tasks.start(serve_webhook, settings, lookup, tls.context, name="https")
             tasks.start_soon(_keep_later, objects, tls, names, name="certificate")
             logger.info("ready")
     finally:

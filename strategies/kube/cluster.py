@@ -144,18 +144,22 @@ class KubeCluster:
         path = f"/api/v1/namespaces/{self.namespace}/secrets"
         return f"{path}/{quote(name)}" if name else path
 
-    async def list_node_pods(self, node: str) -> tuple[list[Obj], str]:
-        answer = await self._call(
-            "GET", "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={node}"}
-        )
+    async def list_collection(
+        self, path: str, query: Mapping[str, str] | None = None
+    ) -> tuple[list[Obj], str]:
+        """LIST: (items, the list's resourceVersion, to watch from)."""
+        answer = await self._call("GET", path, query=query)
         return list(answer.get("items") or []), str(answer["metadata"]["resourceVersion"])
 
-    async def watch_node_pods(self, node: str, resource_version: str) -> AsyncIterator[Obj]:
+    async def watch_collection(
+        self, path: str, resource_version: str, query: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Obj]:
+        """WATCH from `resource_version`, with bookmarks, until the server ends it (1 hour)."""
         response = await self.api.call_api(
-            "/api/v1/pods",
+            path,
             "GET",
             query_params=[
-                ("fieldSelector", f"spec.nodeName={node}"),
+                *(query or {}).items(),
                 ("watch", "true"),
                 ("allowWatchBookmarks", "true"),
                 ("resourceVersion", resource_version),
@@ -173,6 +177,16 @@ class KubeCluster:
             async for line in response.content:
                 if line.strip():
                     yield json.loads(line)
+
+    async def list_node_pods(self, node: str) -> tuple[list[Obj], str]:
+        return await self.list_collection(
+            "/api/v1/pods", {"fieldSelector": f"spec.nodeName={node}"}
+        )
+
+    def watch_node_pods(self, node: str, resource_version: str) -> AsyncIterator[Obj]:
+        return self.watch_collection(
+            "/api/v1/pods", resource_version, {"fieldSelector": f"spec.nodeName={node}"}
+        )
 
     async def get_pod(self, name: str) -> Obj | None:
         try:
