@@ -215,7 +215,7 @@ class PrivilegedPod:
 
     def close(self) -> None:
         if self.tmpfs:
-            subprocess.run(["umount", "-l", str(self.emptydir)], check=False)
+            subprocess.run(["umount", "-l", str(self.emptydir)], check=False, capture_output=True)
 
     def publication(
         self, strategy: SidecarStrategy, values: dict[str, str], *, readonly: bool = False
@@ -260,7 +260,7 @@ def privileged_pod(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[P
     subprocess.run(["umount", "-R", "-l", str(pod.target)], check=False, capture_output=True)
     pod.close()
     if request.param == "shared":
-        subprocess.run(["umount", "-R", "-l", str(pods)], check=False)
+        subprocess.run(["umount", "-R", "-l", str(pods)], check=False, capture_output=True)
 
 
 def command_volume(tmp_path: Path) -> dict[str, str]:
@@ -271,6 +271,21 @@ def command_volume(tmp_path: Path) -> dict[str, str]:
         "command": f"{sys.executable} -m csi fuse ${{source}} ${{mountpoint}}",
         "source": str(data),
     }
+
+
+def start_sidecar(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def client_of(sidecar: subprocess.Popen[bytes]) -> int:
+    """The client: the wrapper's child."""
+    children = Path(f"/proc/{sidecar.pid}/task/{sidecar.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def is_fuse(fields: tuple[str, str] | None) -> bool:
+    return fields is not None and fields[0].startswith("fuse")
 
 
 def wait_served(target: Path, timeout: float = 20) -> None:
@@ -305,26 +320,41 @@ async def test_a_privileged_sidecar_mounts_with_the_credentials_the_plugin_left(
         assert run_shell(PROBE, str(privileged_pod.target)) == 1  # not served yet
 
         command = privileged_pod.sidecar_command(publication.spec)
-        sidecar = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        sidecar = start_sidecar(command)
         try:
             await anyio.to_thread.run_sync(wait_served, privileged_pod.target)
-            environ = Path(f"/proc/{sidecar.pid}/environ").read_bytes().split(b"\0")
+            client = client_of(sidecar)
+            environ = Path(f"/proc/{client}/environ").read_bytes().split(b"\0")
             assert b"API_TOKEN=s3cr3t value" in environ  # the client got it through env ...
-            assert b"s3cr3t" not in Path(f"/proc/{sidecar.pid}/cmdline").read_bytes()  # only
+            assert b"s3cr3t" not in Path(f"/proc/{client}/cmdline").read_bytes()  # only
             (privileged_pod.target / "hello").write_text("through the client")
             assert (tmp_path / "data" / "hello").read_text() == "through the client"
 
-            # The client dies: its restart (kubelet's) detaches the dead mount and mounts again.
-            sidecar.kill()
-            sidecar.wait()
+            # The client dies: the wrapper detaches its dead mount and exits, so that kubelet
+            # can start the container again (it could not bind a dead mount into it) ...
+            os.kill(client, signal.SIGKILL)
+            assert sidecar.wait(timeout=10) != 0
+            assert not is_fuse(mount_fields(privileged_pod.target))
+            os.listdir(privileged_pod.target)  # no ENOTCONN
+            # ... and the restarted container mounts again.
+            sidecar = start_sidecar(command)
+            await anyio.to_thread.run_sync(wait_served, privileged_pod.target)
+            assert (privileged_pod.target / "hello").read_text() == "through the client"
+
+            # Killed all at once (wrapper and client): the next start detaches the dead mount
+            # (the startup probe is not fooled by it: a stat may still be answered from cache).
+            os.killpg(sidecar.pid, signal.SIGKILL)
+            sidecar.wait(timeout=10)
             with pytest.raises(OSError):
                 os.listdir(privileged_pod.target)
-            sidecar = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+            assert run_shell(PROBE, str(privileged_pod.target)) != 0
+            sidecar = start_sidecar(command)
             await anyio.to_thread.run_sync(wait_served, privileged_pod.target)
             assert (privileged_pod.target / "hello").read_text() == "through the client"
         finally:
-            sidecar.terminate()
+            sidecar.terminate()  # as kubelet stops a container: the wrapper passes it on
             sidecar.wait(timeout=10)
+        assert not is_fuse(mount_fields(privileged_pod.target))
 
         await strategy.unpublish(publication)
         assert mount_fields(privileged_pod.target) is None  # the FUSE mount and the shared bind

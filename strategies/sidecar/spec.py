@@ -141,12 +141,40 @@ def _user(params: Parameters) -> tuple[int, int]:
     return uid, gid
 
 
+# What a FUSE mount's liveness is judged by, in `sh`: statfs or a directory read always reach
+# the client (a stat may be answered from the kernel's attribute cache, even when dead).
+_SHELL_HELPERS = r"""top_type() {
+  top=
+  while read -r device point type rest; do
+    if [ "$point" = "$1" ]; then top=$type; fi
+  done < /proc/self/mounts
+  echo "$top"
+}
+served() {
+  case $(top_type "$1") in
+    fuse | fuse.*) stat -f "$1" >/dev/null 2>&1 || ls "$1" >/dev/null 2>&1 ;;
+    *) return 1 ;;
+  esac
+}
+"""
 # Privileged mode: wait for the environment the node plugin wrote at NodePublishVolume (before
-# any container started, so normally at once), detach the dead mount a previous client left,
-# then become the client. Arguments: the env file, the mount point, then the client's command.
-WRAPPER = r"""set -eu
+# any container started, so normally at once), detach a dead mount a previous client left, run
+# the client, and when it exits, for whatever reason, detach its mount: a dead FUSE mount on the
+# volume would keep kubelet from starting the container again (binding a dead mount fails).
+# Arguments: the env file, the mount point, then the client's command.
+WRAPPER = (
+    r"""set -u
 env_file=$1 mountpoint=$2
 shift 2
+"""
+    + _SHELL_HELPERS
+    + r"""detach_fuse() {  # only a FUSE mount: never the sidecar's own mount of the volume
+  case $(top_type "$mountpoint") in
+    fuse | fuse.*)
+      umount -l "$mountpoint" 2>/dev/null || fusermount3 -uz "$mountpoint" 2>/dev/null \
+        || fusermount -uz "$mountpoint" 2>/dev/null || true ;;
+  esac
+}
 waited=0
 while [ ! -r "$env_file" ]; do
   if [ "$waited" -ge 600 ]; then
@@ -157,19 +185,26 @@ while [ ! -r "$env_file" ]; do
   waited=$((waited + 1))
 done
 . "$env_file"
-if ! [ -d "$mountpoint" ]; then
-  umount -l "$mountpoint" 2>/dev/null || fusermount -uz "$mountpoint" 2>/dev/null || true
-fi
-exec "$@"
+served "$mountpoint" || detach_fuse  # a dead mount a previous client left
+"$@" &
+client=$!
+trap 'kill -TERM "$client" 2>/dev/null' TERM INT
+while :; do
+  wait "$client"
+  status=$?
+  kill -0 "$client" 2>/dev/null || break
+done
+detach_fuse  # the client is gone: a FUSE mount left here is dead
+exit "$status"
 """
-# Privileged mode: the startup probe; app containers start once the top mount is FUSE.
-PROBE = r"""top=
-while read -r device point type rest; do
-  if [ "$point" = "$1" ]; then top=$type; fi
-done < /proc/self/mounts
-case $top in fuse | fuse.*) exit 0 ;; esac
-exit 1
+)
+# Privileged mode: the startup probe; app containers start once the top mount is a FUSE mount
+# that answers.
+PROBE = (
+    _SHELL_HELPERS
+    + r"""served "$1"
 """
+)
 SCRATCH_DIR = "/tmp"
 """Every sidecar gets an emptyDir here: the client's temporary files (its root filesystem may
 be read-only)."""
