@@ -27,6 +27,7 @@ from strategies.sidecar import contract
 from strategies.sidecar.spec import PARAMETERS, PROBE, parse_sidecar_spec, sidecar_container
 from strategies.sidecar.strategy import SidecarStrategy
 from strategies.system import mounts
+from strategies.system.targets import release_blocking
 from strategies.volumes import Roots, VolumeStore
 from unit.harness import ContractEnv, StrategyContract
 
@@ -257,7 +258,7 @@ def privileged_pod(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[P
         subprocess.run(["mount", "--make-shared", str(pods)], check=True)
     pod = PrivilegedPod(tmp_path)
     yield pod
-    subprocess.run(["umount", "-R", "-l", str(pod.target)], check=False, capture_output=True)
+    release_blocking(pod.target)  # every mount stacked there, dead ones too, even on failure
     pod.close()
     if request.param == "shared":
         subprocess.run(["umount", "-R", "-l", str(pods)], check=False, capture_output=True)
