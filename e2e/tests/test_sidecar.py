@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,32 @@ def test_with_the_webhook_down_the_pod_waits_with_an_event_saying_why(
         )
 
 
+def juicefs_pids(pod_uid: str) -> list[int]:
+    """The JuiceFS client processes of a pod, on this host (found by cgroup)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cgroup = (entry / "cgroup").read_text()
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"juicefs") and b"mount" in argv:
+            if pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup:
+                pids.append(int(entry.name))
+    return pids
+
+
+def sidecar_restarts(kubectl: Kubectl, namespace: str, pod: str) -> int:
+    status = kubectl.get("pod", pod, namespace)["status"]
+    return sum(
+        c.get("restartCount", 0)
+        for c in status.get("initContainerStatuses") or []
+        if c["name"].startswith("fusecsi-sidecar-")
+    )
+
+
 def host_mounts_of(pod_uid: str) -> list[str]:
     return [
         line
@@ -183,7 +210,7 @@ def test_juicefs_runs_in_a_privileged_sidecar_with_credentials_only_from_the_nod
     try:
         kubectl.apply(pvc_manifest("jfs", "", "1Gi", volume_name=pv_name), namespace)
         wait_bound(kubectl, namespace, "jfs")
-        kubectl.apply(json.dumps(app_pod("app", "jfs", propagation="None")), namespace)
+        kubectl.apply(json.dumps(app_pod("app", "jfs")), namespace)  # HostToContainer
         pod = wait_running(kubectl, namespace, "app")
         (sidecar,) = sidecars(pod)
         assert sidecar["securityContext"]["privileged"] is True
@@ -203,6 +230,26 @@ def test_juicefs_runs_in_a_privileged_sidecar_with_credentials_only_from_the_nod
         assert any((store / "bucket").rglob("*")), "no object reached the local bucket"
         uid = pod["metadata"]["uid"]
         assert any("juicefs" in line for line in host_mounts_of(uid)), "not on the host target"
+
+        # The client is killed: its wrapper detaches the dead mount, kubelet restarts the
+        # sidecar, the new client mounts again, and the app (HostToContainer) reads again.
+        pids = juicefs_pids(uid)
+        assert pids, "no JuiceFS client process of the pod on this host"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(
+            "kubelet to restart the sidecar",
+            lambda: sidecar_restarts(kubectl, namespace, "app") > 0,
+            timeout=90,
+        )
+        wait_for(
+            "the app to read again",
+            lambda: kubectl.exec(namespace, "app", "cat /data/hello 2>&1", check=False).strip()
+            == "through-the-juicefs-sidecar",
+            timeout=120,
+        )
+        status = kubectl.get("pod", "app", namespace)["status"]
+        assert all(c.get("restartCount", 0) == 0 for c in status["containerStatuses"])
 
         kubectl.run("delete", "pod", "app", "-n", namespace, "--wait=true", "--timeout=120s")
         # Kubelet tears the volumes down after the pod object is gone: give it that time.
