@@ -143,9 +143,9 @@ def juicefs_pids(pod_uid: str) -> list[int]:
             cgroup = (entry / "cgroup").read_text()
         except OSError:
             continue
-        if argv and argv[0].endswith(b"juicefs") and b"mount" in argv:
-            if pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup:
-                pids.append(int(entry.name))
+        ours = pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup
+        if ours and argv and argv[0].endswith(b"juicefs") and b"mount" in argv:
+            pids.append(int(entry.name))
     return pids
 
 
