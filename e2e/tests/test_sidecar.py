@@ -132,9 +132,9 @@ def test_with_the_webhook_down_the_pod_waits_with_an_event_saying_why(
         )
 
 
-def juicefs_pids(pod_uid: str) -> list[int]:
-    """The JuiceFS client processes of a pod, on this host (found by cgroup)."""
-    pids = []
+def pod_processes(pod_uid: str) -> dict[int, list[bytes]]:
+    """pid -> argv of the processes of a pod on this host (found by cgroup)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -143,10 +143,20 @@ def juicefs_pids(pod_uid: str) -> list[int]:
             cgroup = (entry / "cgroup").read_text()
         except OSError:
             continue
-        ours = pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup
-        if ours and argv and argv[0].endswith(b"juicefs") and b"mount" in argv:
-            pids.append(int(entry.name))
-    return pids
+        if pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup:
+            found[int(entry.name)] = argv
+    return found
+
+
+def juicefs_pids(pod_uid: str) -> list[int]:
+    """The JuiceFS client processes of a pod (not the sh wrapper that runs them)."""
+    return [
+        pid
+        for pid, argv in pod_processes(pod_uid).items()
+        if argv
+        and Path(argv[0].decode(errors="replace")).name != "sh"
+        and b"juicefs" in b" ".join(argv)
+    ]
 
 
 def sidecar_restarts(kubectl: Kubectl, namespace: str, pod: str) -> int:
@@ -234,7 +244,7 @@ def test_juicefs_runs_in_a_privileged_sidecar_with_credentials_only_from_the_nod
         # The client is killed: its wrapper detaches the dead mount, kubelet restarts the
         # sidecar, the new client mounts again, and the app (HostToContainer) reads again.
         pids = juicefs_pids(uid)
-        assert pids, "no JuiceFS client process of the pod on this host"
+        assert pids, f"no JuiceFS client process of the pod: {pod_processes(uid)}"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         wait_for(
@@ -244,8 +254,10 @@ def test_juicefs_runs_in_a_privileged_sidecar_with_credentials_only_from_the_nod
         )
         wait_for(
             "the app to read again",
-            lambda: kubectl.exec(namespace, "app", "cat /data/hello 2>&1", check=False).strip()
-            == "through-the-juicefs-sidecar",
+            lambda: (
+                kubectl.exec(namespace, "app", "cat /data/hello 2>&1", check=False).strip()
+                == "through-the-juicefs-sidecar"
+            ),
             timeout=120,
         )
         status = kubectl.get("pod", "app", namespace)["status"]
