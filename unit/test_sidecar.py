@@ -26,7 +26,6 @@ from strategies.params import Parameters
 from strategies.sidecar import contract
 from strategies.sidecar.spec import PARAMETERS, PROBE, parse_sidecar_spec, sidecar_container
 from strategies.sidecar.strategy import SidecarStrategy
-from strategies.system import mounts
 from strategies.system.targets import release_blocking
 from strategies.volumes import Roots, VolumeStore
 from unit.harness import ContractEnv, StrategyContract
@@ -149,7 +148,7 @@ def test_the_sidecar_container_has_no_privilege(tmp_path: Path) -> None:
     spec = parse_sidecar_spec(
         Parameters({"path": "v"}, known=PARAMETERS, where="p"), Roots({"default": tmp_path})
     )
-    container = sidecar_container(spec, "abc", "fusecsi.local/fusecsi:1", "data")
+    container = sidecar_container(spec, "abc", "fusecsi.local/fusecsi:1")
     assert container["restartPolicy"] == "Always"
     security = container["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == 65534
@@ -213,6 +212,8 @@ class PrivilegedPod:
         if tmpfs:
             subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(emptydir)], check=True)
         self.key = contract.inline_key("pv-7")
+        self.app_view = base / "app-view"
+        """What an app container with HostToContainer sees: a slave bind of the target."""
 
     def close(self) -> None:
         if self.tmpfs:
@@ -232,13 +233,14 @@ class PrivilegedPod:
             spec=strategy.parse(params),
         )
 
-    def sidecar_command(self, spec: Any) -> list[str]:
-        """The injected container's command, with its in-pod paths mapped to the host's (the
-        Bidirectional mount of the volume is the target itself)."""
-        container = sidecar_container(spec, self.key, "", "data")
+    def sidecar_command(self, spec: Any, stage: Path) -> list[str]:
+        """The injected container's command, with its in-pod paths mapped to the host's: the
+        emptyDir is the pod's (Bidirectional: the same mount), the stage a directory of the
+        container's own (a new one for each container start, as a restart has a fresh rootfs)."""
+        container = sidecar_container(spec, self.key, "")
         mapping = {
             str(contract.EMPTYDIR_MOUNT): str(self.emptydir),
-            str(contract.mountpoint_in_pod(self.key)): str(self.target),
+            str(contract.stage_in_pod(self.key)): str(stage),
         }
         command: list[str] = []
         for word in container["command"]:
@@ -258,7 +260,11 @@ def privileged_pod(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[P
         subprocess.run(["mount", "--make-shared", str(pods)], check=True)
     pod = PrivilegedPod(tmp_path)
     yield pod
-    release_blocking(pod.target)  # every mount stacked there, dead ones too, even on failure
+    # Every mount stacked there, dead ones too, even on failure.
+    for path in (pod.app_view, pod.target, pod.emptydir / contract.volume_dir_name(pod.key)):
+        release_blocking(path)
+    for stage in (tmp_path / "stages").glob("*"):
+        release_blocking(stage)
     pod.close()
     if request.param == "shared":
         subprocess.run(["umount", "-R", "-l", str(pods)], check=False, capture_output=True)
@@ -312,16 +318,21 @@ async def test_a_privileged_sidecar_mounts_with_the_credentials_the_plugin_left(
         env_file = privileged_pod.emptydir / contract.env_file_name(privileged_pod.key)
         assert os.stat(env_file).st_mode & 0o777 == 0o600
         assert "export API_TOKEN='s3cr3t value'" in env_file.read_text()
-        # A Bidirectional mount needs the target on a shared mount: made if it is not one.
+        # The target is a bind of the emptyDir's volume directory (a peer: the emptyDir is shared).
         fields = mount_fields(privileged_pod.target)
-        if mounts.containing_mount(privileged_pod.target.parent).shared:  # type: ignore[union-attr]
-            assert fields is None, fields
-        else:
-            assert fields is not None and "shared:" in fields[1], fields
-        assert run_shell(PROBE, str(privileged_pod.target)) == 1  # not served yet
+        assert fields is not None and fields[0] == "tmpfs" and "shared:" in fields[1], fields
+        assert run_shell(PROBE, str(privileged_pod.target)) != 0  # not served yet
 
-        command = privileged_pod.sidecar_command(publication.spec)
-        sidecar = start_sidecar(command)
+        stages = tmp_path / "stages"
+        starts = iter(range(1, 100))
+
+        def start() -> subprocess.Popen[bytes]:
+            stage = stages / str(next(starts))
+            stage.mkdir(parents=True)
+            return start_sidecar(privileged_pod.sidecar_command(publication.spec, stage))
+
+        app = privileged_pod.app_view
+        sidecar = start()
         try:
             await anyio.to_thread.run_sync(wait_served, privileged_pod.target)
             client = client_of(sidecar)
@@ -330,35 +341,41 @@ async def test_a_privileged_sidecar_mounts_with_the_credentials_the_plugin_left(
             assert b"s3cr3t" not in Path(f"/proc/{client}/cmdline").read_bytes()  # only
             (privileged_pod.target / "hello").write_text("through the client")
             assert (tmp_path / "data" / "hello").read_text() == "through the client"
+            # An app container that mounts the volume with HostToContainer, started now.
+            app.mkdir()
+            subprocess.run(["mount", "--bind", str(privileged_pod.target), str(app)], check=True)
+            subprocess.run(["mount", "--make-slave", str(app)], check=True)
+            assert (app / "hello").read_text() == "through the client"
 
-            # The client dies: the wrapper detaches its dead mount and exits, so that kubelet
-            # can start the container again (it could not bind a dead mount into it) ...
+            # The client dies; kubelet starts the container again (its mounts are alive: the
+            # emptyDir), whose client's mount is stacked on the dead one: the app reads again.
             os.kill(client, signal.SIGKILL)
             assert sidecar.wait(timeout=10) != 0
-            assert not is_fuse(mount_fields(privileged_pod.target))
-            os.listdir(privileged_pod.target)  # no ENOTCONN
-            # ... and the restarted container mounts again.
-            sidecar = start_sidecar(command)
+            with pytest.raises(OSError):
+                os.listdir(app)
+            assert run_shell(PROBE, str(privileged_pod.target)) != 0  # not fooled by the cache
+            sidecar = start()
             await anyio.to_thread.run_sync(wait_served, privileged_pod.target)
-            assert (privileged_pod.target / "hello").read_text() == "through the client"
+            assert (app / "hello").read_text() == "through the client"
 
-            # Killed all at once (wrapper and client): the next start detaches the dead mount
-            # (the startup probe is not fooled by it: a stat may still be answered from cache).
+            # Killed all at once (wrapper and client): the same.
             os.killpg(sidecar.pid, signal.SIGKILL)
             sidecar.wait(timeout=10)
             with pytest.raises(OSError):
-                os.listdir(privileged_pod.target)
-            assert run_shell(PROBE, str(privileged_pod.target)) != 0
-            sidecar = start_sidecar(command)
+                os.listdir(app)
+            sidecar = start()
             await anyio.to_thread.run_sync(wait_served, privileged_pod.target)
+            assert (app / "hello").read_text() == "through the client"
             assert (privileged_pod.target / "hello").read_text() == "through the client"
         finally:
             sidecar.terminate()  # as kubelet stops a container: the wrapper passes it on
             sidecar.wait(timeout=10)
-        assert not is_fuse(mount_fields(privileged_pod.target))
+        release_blocking(app)  # the app container goes before NodeUnpublishVolume
 
         await strategy.unpublish(publication)
-        assert mount_fields(privileged_pod.target) is None  # the FUSE mount and the shared bind
+        assert mount_fields(privileged_pod.target) is None  # every stacked mount, and the bind
+        volume_dir = privileged_pod.emptydir / contract.volume_dir_name(privileged_pod.key)
+        assert mount_fields(volume_dir) is None  # so that kubelet can unmount the emptyDir
         assert not env_file.exists()
         await strategy.unpublish(publication)  # again: nothing to do
         tasks.cancel_scope.cancel()

@@ -272,26 +272,29 @@ async def test_a_client_that_cannot_take_an_fd_gets_a_privileged_sidecar() -> No
     assert sidecar["image"] == JUICEFS_IMAGE  # the admin's image for the client
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["securityContext"] == {"privileged": True, "runAsUser": 0, "runAsGroup": 0}
-    mountpoint = f"/fusecsi-volumes/{key}"
+    stage, volume = f"/fusecsi-stage/{key}", f"/fusecsi-sidecar/vol-{key}"
     mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
-    # The pod's own volume, where the client mounts; Bidirectional carries it to the host.
-    assert mounts[mountpoint] == {
-        "name": "scratch",
-        "mountPath": mountpoint,
+    # The emptyDir, Bidirectional: the sidecar stacks a bind of its client's mount on
+    # vol-<key>, which the node plugin binds onto the target. Not the pod's volume itself: a
+    # dead mount there would keep kubelet from restarting the sidecar.
+    assert mounts["/fusecsi-sidecar"] == {
+        "name": contract.EMPTYDIR_VOLUME,
+        "mountPath": "/fusecsi-sidecar",
         "mountPropagation": "Bidirectional",
     }
-    assert mounts["/fusecsi-sidecar"]["readOnly"] is True
+    volume_name = request["request"]["object"]["spec"]["volumes"][0]["name"]
+    assert volume_name not in {m["name"] for m in sidecar["volumeMounts"]}
     assert mounts["/mnt/archive"]["name"] == f"fusecsi-{key}-root"
     # Scratch and JuiceFS's cache in emptyDirs of the pod (billed to it, gone with it).
     assert mounts["/tmp"]["name"] == f"fusecsi-{key}-scratch"
     assert mounts["/var/jfsCache"]["name"] == f"fusecsi-{key}-cache"
     command = sidecar["command"]
     assert command[:2] == ["sh", "-c"]
-    assert command[3:6] == ["fusecsi-sidecar", f"/fusecsi-sidecar/{key}.env", mountpoint]
-    assert "juicefs mount" in command[8]  # the client layer's script, as in a Mount Pod
-    assert command[9:] == ["fusecsi-juicefs", mountpoint, "/team/a", "0", "--cache-size=512"]
+    assert command[3:7] == ["fusecsi-sidecar", f"/fusecsi-sidecar/{key}.env", stage, volume]
+    assert "juicefs mount" in command[9]  # the client layer's script, as in a Mount Pod
+    assert command[10:] == ["fusecsi-juicefs", stage, "/team/a", "0", "--cache-size=512"]
     probe = sidecar["startupProbe"]["exec"]["command"]
-    assert probe[-1] == mountpoint and "/proc/self/mounts" in probe[2]
+    assert probe[-1] == volume and "/proc/self/mounts" in probe[2]
     # No credentials and no reference to them: the node plugin hands the environment over.
     assert "env" not in sidecar and "envFrom" not in sidecar
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}

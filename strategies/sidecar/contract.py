@@ -7,10 +7,11 @@ NodePublishVolume the node plugin finds that emptyDir on the host from the targe
 (`<kubelet>/pods/<uid>/volumes/...`), mounts the target with a /dev/fuse fd and passes the fd
 (SCM_RIGHTS) to whoever connects to the socket of that volume.
 
-Clients that cannot take an fd (juicefs, command) run in the privileged mode instead: the
-sidecar mounts the pod's volume itself with `mountPropagation: Bidirectional` and its client
-mounts FUSE there; the node plugin makes the target a shared mount (so the FUSE mount reaches
-the host and the app containers) and leaves the client's environment in the emptyDir.
+Clients that cannot take an fd (juicefs, command) run in the privileged mode instead: the node
+plugin binds the emptyDir's `vol-<key>` directory onto the target and leaves the client's
+environment in `<key>.env` there; the privileged sidecar mounts the emptyDir with
+`mountPropagation: Bidirectional`, its client mounts FUSE at `/fusecsi-stage/<key>`, and the
+sidecar stacks a bind of that on `vol-<key>`, which propagates to the target and the apps.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ OPT_OUT_LABEL = "fusecsi.io/sidecar-injection"
 """Namespace label (webhook namespaceSelector) and pod annotation; `disabled` opts out."""
 INJECTED_ANNOTATION = "fusecsi.io/sidecar-injected"
 """Set on a mutated pod: the volume keys it got sidecars for (comma-separated)."""
-VOLUME_MOUNT_ROOT = PurePosixPath("/fusecsi-volumes")
-"""Privileged mode: where a sidecar mounts the pod's volume itself (Bidirectional), per key."""
+STAGE_ROOT = PurePosixPath("/fusecsi-stage")
+"""Privileged mode: where a sidecar's client mounts, in the sidecar's own filesystem, per key."""
 
 
 def pvc_key(namespace: str, claim: str) -> str:
@@ -49,9 +50,15 @@ def socket_in_pod(key: str) -> PurePosixPath:
     return EMPTYDIR_MOUNT / f"{key}.sock"
 
 
-def mountpoint_in_pod(key: str) -> PurePosixPath:
-    """Privileged mode: the sidecar's mount of the volume, where its client mounts FUSE."""
-    return VOLUME_MOUNT_ROOT / key
+def stage_in_pod(key: str) -> PurePosixPath:
+    """Privileged mode: the client's mount point inside the sidecar."""
+    return STAGE_ROOT / key
+
+
+def volume_dir_name(key: str) -> str:
+    """Privileged mode: the directory of the emptyDir the node plugin binds onto the target,
+    and on which the sidecar stacks a bind of each client's mount (Bidirectional)."""
+    return f"vol-{key}"
 
 
 def env_file_name(key: str) -> str:

@@ -69,7 +69,7 @@ class PrivilegedServing:
         """The client's container, mounting at the sidecar's mount of the volume."""
         mount = ClientMount(
             volume_id=volume_id,
-            mountpoint=str(contract.mountpoint_in_pod(key)),
+            mountpoint=str(contract.stage_in_pod(key)),
             subdir=self.subdir,
             capacity_bytes=capacity_bytes,
         )
@@ -158,24 +158,19 @@ served() {
 }
 """
 # Privileged mode: wait for the environment the node plugin wrote at NodePublishVolume (before
-# any container started, so normally at once), detach a dead mount a previous client left, run
-# the client, and when it exits, for whatever reason, detach its mount: a dead FUSE mount on the
-# volume would keep kubelet from starting the container again (binding a dead mount fails).
-# Arguments: the env file, the mount point, then the client's command.
+# any container started, so normally at once), run the client on its stage, and once it serves,
+# stack a bind of it on the emptyDir's volume directory: the bind propagates (Bidirectional) to
+# the target the node plugin bound from there, and to the app containers; stacked on the bind
+# of a client that died, it reaches containers that mount with HostToContainer in place. The
+# sidecar's own mounts are of the emptyDir (alive), never of a dead FUSE mount, so kubelet can
+# always restart it. Arguments: the env file, the stage, the volume directory, then the client.
 WRAPPER = (
     r"""set -u
-env_file=$1 mountpoint=$2
-shift 2
+env_file=$1 stage=$2 volume=$3
+shift 3
 """
     + _SHELL_HELPERS
-    + r"""detach_fuse() {  # only a FUSE mount: never the sidecar's own mount of the volume
-  case $(top_type "$mountpoint") in
-    fuse | fuse.*)
-      umount -l "$mountpoint" 2>/dev/null || fusermount3 -uz "$mountpoint" 2>/dev/null \
-        || fusermount -uz "$mountpoint" 2>/dev/null || true ;;
-  esac
-}
-waited=0
+    + r"""waited=0
 while [ ! -r "$env_file" ]; do
   if [ "$waited" -ge 600 ]; then
     echo "fusecsi: the node plugin left no $env_file; is the volume published?" >&2
@@ -185,16 +180,22 @@ while [ ! -r "$env_file" ]; do
   waited=$((waited + 1))
 done
 . "$env_file"
-served "$mountpoint" || detach_fuse  # a dead mount a previous client left
+mkdir -p "$stage"
 "$@" &
 client=$!
 trap 'kill -TERM "$client" 2>/dev/null' TERM INT
+until served "$stage"; do
+  kill -0 "$client" 2>/dev/null || break
+  sleep 0.2
+done
+if served "$stage"; then
+  mount --bind "$stage" "$volume" || kill -TERM "$client"
+fi
 while :; do
   wait "$client"
   status=$?
   kill -0 "$client" 2>/dev/null || break
 done
-detach_fuse  # the client is gone: a FUSE mount left here is dead
 exit "$status"
 """
 )
@@ -219,11 +220,8 @@ def sidecar_image(spec: SidecarSpec, default_image: str) -> str:
     return default_image if isinstance(spec.serving, FdServing) else ""
 
 
-def sidecar_container(
-    spec: SidecarSpec, key: str, default_image: str, volume_name: str
-) -> dict[str, Any]:
-    """The native sidecar (init container, restartPolicy Always) serving pod volume
-    `volume_name`."""
+def sidecar_container(spec: SidecarSpec, key: str, default_image: str) -> dict[str, Any]:
+    """The native sidecar (init container, restartPolicy Always) serving the volume `key`."""
     container: dict[str, Any] = {
         "name": contract.container_name(key),
         "image": sidecar_image(spec, default_image),
@@ -233,7 +231,7 @@ def sidecar_container(
     }
     if isinstance(spec.serving, FdServing):
         return container | _fd_sidecar(spec.serving, key)
-    return container | _privileged_sidecar(spec, spec.serving, key, volume_name)
+    return container | _privileged_sidecar(spec, spec.serving, key)
 
 
 def _fd_sidecar(serving: FdServing, key: str) -> dict[str, Any]:
@@ -268,21 +266,30 @@ def _fd_sidecar(serving: FdServing, key: str) -> dict[str, Any]:
     }
 
 
-def _privileged_sidecar(
-    spec: SidecarSpec, serving: PrivilegedServing, key: str, volume_name: str
-) -> dict[str, Any]:
-    """The client mounts FUSE on the sidecar's own mount of the pod volume; Bidirectional
-    propagation (privileged only) carries that mount to the host's target and so to the app
-    containers, which start after the startup probe has seen it. No secret is in the spec: the
-    node plugin hands the environment over through the emptyDir."""
-    mountpoint = str(contract.mountpoint_in_pod(key))
+def _privileged_sidecar(spec: SidecarSpec, serving: PrivilegedServing, key: str) -> dict[str, Any]:
+    """The client mounts FUSE in the sidecar's own filesystem; the sidecar stacks a bind of it
+    on the emptyDir's volume directory, which Bidirectional propagation (privileged only) carries
+    to the host, the target bound from there, and the app containers, which start after the
+    startup probe has seen it. No secret is in the spec: the node plugin hands the environment
+    over through the emptyDir."""
     client = serving.container("", key, spec.capacity_bytes, Secrets())
     env_file = str(contract.EMPTYDIR_MOUNT / contract.env_file_name(key))
+    volume = str(contract.EMPTYDIR_MOUNT / contract.volume_dir_name(key))
+    stage = str(contract.stage_in_pod(key))
     return {
-        "command": ["sh", "-c", WRAPPER, "fusecsi-sidecar", env_file, mountpoint, *client.command],
+        "command": [
+            "sh",
+            "-c",
+            WRAPPER,
+            "fusecsi-sidecar",
+            env_file,
+            stage,
+            volume,
+            *client.command,
+        ],
         "securityContext": {"privileged": True, "runAsUser": 0, "runAsGroup": 0},
         "startupProbe": {
-            "exec": {"command": ["sh", "-c", PROBE, "fusecsi-probe", mountpoint]},
+            "exec": {"command": ["sh", "-c", PROBE, "fusecsi-probe", volume]},
             "periodSeconds": 1,
             "timeoutSeconds": 5,
             "failureThreshold": STARTUP_SECONDS,
@@ -291,9 +298,8 @@ def _privileged_sidecar(
             {
                 "name": contract.EMPTYDIR_VOLUME,
                 "mountPath": str(contract.EMPTYDIR_MOUNT),
-                "readOnly": True,
+                "mountPropagation": "Bidirectional",
             },
-            {"name": volume_name, "mountPath": mountpoint, "mountPropagation": "Bidirectional"},
             {"name": _own_volume_name(key, "scratch"), "mountPath": SCRATCH_DIR},
             *(
                 [{"name": _own_volume_name(key, "cache"), "mountPath": serving.client.cache_dir}]

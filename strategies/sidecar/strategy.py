@@ -13,11 +13,12 @@ mounts a fresh connection *on top of* the dead one and hands that. Containers th
 volume with `mountPropagation: HostToContainer` see it (as with Mount Pods).
 
 Clients that cannot take an fd (juicefs, command) run in a privileged sidecar that mounts by
-itself (see spec.py). For them NodePublish makes sure the target lives on a shared mount
-(kubelet's directory normally is; otherwise the target becomes a shared bind of itself), so
-that the FUSE mount the sidecar makes on its Bidirectional mount of the volume reaches the
-host's target and the app containers, and leaves the client's environment (its secret values
-included) in the pod's memory-backed emptyDir, where only the sidecar reads it.
+itself (see spec.py). For them NodePublish binds the emptyDir's `vol-<key>` directory onto the
+target (a peer of the shared emptyDir mount), so that the bind of its client's mount the
+sidecar stacks there, through its Bidirectional mount of the emptyDir, reaches the target and
+the app containers, again on top when a restarted client mounts anew; and it leaves the
+client's environment (its secret values included) in the pod's memory-backed emptyDir, where
+only the sidecar reads it.
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ class SidecarStrategy(Strategy[SidecarSpec]):
         emptydir: Path,
         secrets: Secrets,
     ) -> None:
-        """Leave the client's environment for the sidecar, and make the target a shared mount
-        for the sidecar's FUSE mount to propagate back to."""
+        """Leave the client's environment for the sidecar, and bind the emptyDir's volume
+        directory onto the target for the sidecar's mounts to propagate to."""
         if publication.mount_flags:
             raise FailedPrecondition(
                 f"mount flags ({', '.join(publication.mount_flags)}) cannot be applied to a mount "
@@ -200,7 +201,13 @@ class SidecarStrategy(Strategy[SidecarSpec]):
             await run_blocking(
                 f"writing {env_path}", _write_environment, emptydir, env_path, environment
             )
-            await run_blocking(f"sharing {target}", _share_target, target)
+            await run_blocking(
+                f"binding the volume directory onto {target}",
+                _bind_volume_dir,
+                emptydir,
+                key,
+                target,
+            )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await release_target(target)
@@ -214,6 +221,11 @@ class SidecarStrategy(Strategy[SidecarSpec]):
             if handoff is not None:
                 self._close(handoff)
             await release_target(publication.target)
+            emptydir = contract.emptydir_on_host(publication.target)
+            if handoff is not None and emptydir is not None:
+                # Privileged mode: the sidecar's binds, stacked there (else kubelet could not
+                # unmount the emptyDir). Nothing is mounted there in fd mode.
+                await release_target(emptydir / contract.volume_dir_name(handoff.key))
 
     async def stats(self, publication: Publication[SidecarSpec]) -> VolumeStats:
         return await filesystem_stats(publication.target)
@@ -406,18 +418,21 @@ def _write_environment(emptydir: Path, path: Path, environment: Mapping[str, str
     os.replace(partial, path)
 
 
-def _share_target(target: Path) -> None:
-    """Make sure `target` lives on a shared mount: containerd only accepts a Bidirectional
-    container mount of a shared host mount, and the sidecar's FUSE mount propagates back to the
-    host through that peer group. Kubelet keeps its directory shared, so normally there is
-    nothing to do; otherwise the target becomes a shared bind of itself."""
+def _bind_volume_dir(emptydir: Path, key: str, target: Path) -> None:
+    """Bind `<emptyDir>/vol-<key>` onto the target. The emptyDir is a shared mount (kubelet keeps
+    its directory shared; made so here otherwise), so the bind is its peer: what the sidecar
+    mounts on `vol-<key>` through its Bidirectional mount of the emptyDir appears on the target,
+    and what it stacks later (a restarted client) appears on top, in the app containers too."""
+    source = emptydir / contract.volume_dir_name(key)
+    os.makedirs(source, exist_ok=True)
     os.makedirs(target, exist_ok=True)
-    holder = mounts.containing_mount(target)
-    if holder is not None and holder.shared:
-        return
+    holder = mounts.mounted_at(emptydir)
+    if holder is None:
+        raise FailedPrecondition(f"the pod's {contract.EMPTYDIR_VOLUME} emptyDir is not a mount")
+    if not holder.shared:
+        mounts.make_shared(emptydir)
     if not mounts.is_mount_point(target):
-        mounts.bind(target, target)
-    mounts.make_shared(target)
+        mounts.bind(source, target)
 
 
 def _remove(path: Path) -> None:

@@ -365,7 +365,7 @@ def _patch(
             ops += [_add("/spec/volumes/-", item) for item in new_volumes]
         else:  # absent or null: "add" creates (or replaces) the member
             ops.append(_add("/spec/volumes", new_volumes))
-    sidecars = [sidecar_container(v.spec, v.key, settings.sidecar_image, v.volume) for v in found]
+    sidecars = [sidecar_container(v.spec, v.key, settings.sidecar_image) for v in found]
     if isinstance(spec.get("initContainers"), list):
         # First, in order: they start before any init container that might read the volume.
         ops += [_add(f"/spec/initContainers/{i}", item) for i, item in enumerate(sidecars)]
