@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import copy
 import datetime
-import json
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -28,26 +27,12 @@ from csi.webhook import (
     generate_material,
     serve_webhook,
 )
+from unit.test_webhook import SETTINGS, fixture
 
 pytestmark = pytest.mark.anyio
 
-FIXTURES = Path(__file__).parent / "fixtures" / "admission"
-SETTINGS = Settings(
-    driver_name="csi.fusecsi.io",
-    default_strategy="hostPath",
-    roots={"default": Path("/mnt/jfs"), "archive": Path("/mnt/archive")},
-    sidecar_image="registry.local/fusecsi:0.1.0",
-    namespace="fusecsi",
-    webhook_address="127.0.0.1:0",
-    shutdown_grace=2.0,
-)
 NAMES = CertificateNames.from_settings(SETTINGS)
 BOUND_PV = "pvc-0b7e5c1a-4d2f-4b8e-9f61-3c2a1d0e9f11"
-
-
-def fixture(name: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((FIXTURES / name).read_text())
-    return loaded
 
 
 class ApiLookup:

@@ -22,8 +22,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import anyio
+
+if TYPE_CHECKING:
+    from e2e.tests.kube import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -249,3 +253,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def cluster_kubectl(*fresh_namespaces: str) -> Kubectl | None:
+    """kubectl for the local cluster (KUBECONFIG, KUBECTL), with `fresh_namespaces` deleted and
+    created anew; None, after saying so, when there is no cluster (the benchmark skips)."""
+    from e2e.tests.kube import Kubectl  # the cluster benchmarks run from the repository root
+
+    kubeconfig = os.environ.get("KUBECONFIG", "")
+    if not kubeconfig or not Path(kubeconfig).exists():
+        print("skipped: no cluster (run e2e/deploy.sh and set KUBECONFIG)")
+        return None
+    kubectl = Kubectl(kubeconfig, binary=os.environ.get("KUBECTL", "kubectl"))
+    for namespace in fresh_namespaces:
+        kubectl.run("delete", "namespace", namespace, "--ignore-not-found", "--wait=true")
+        kubectl.run("create", "namespace", namespace)
+    return kubectl

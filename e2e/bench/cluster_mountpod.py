@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from e2e.bench.benchlib import loadavg, machine, percentile, table
+from e2e.bench.benchlib import cluster_kubectl, loadavg, machine, percentile, table
 from e2e.tests.kube import Kubectl, wait_for
 
 NAMESPACE = "bench-mountpod"
@@ -195,13 +195,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle counting")
     args = parser.parse_args()
-    kubeconfig = os.environ.get("KUBECONFIG", "")
-    if not kubeconfig or not Path(kubeconfig).exists():
-        print("skipped: no cluster (run e2e/deploy.sh and set KUBECONFIG)")
+    kubectl = cluster_kubectl(NAMESPACE)
+    if kubectl is None:
         return 0
-    kubectl = Kubectl(kubeconfig, binary=os.environ.get("KUBECTL", "kubectl"))
-    kubectl.run("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true")
-    kubectl.run("create", "namespace", NAMESPACE)
     kubectl.apply(flow_schema())
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     plain, new_requests, shared_requests = [], [], []

@@ -13,14 +13,13 @@ condition, on an already bound PVC. Target: the sidecar adds under 2 s.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from e2e.bench.benchlib import loadavg, machine, percentile, table
+from e2e.bench.benchlib import cluster_kubectl, loadavg, machine, percentile, table
 from e2e.bench.cluster_mountpod import pod, pvc
 from e2e.tests.kube import Kubectl, wait_for
 
@@ -46,13 +45,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    kubeconfig = os.environ.get("KUBECONFIG", "")
-    if not kubeconfig or not Path(kubeconfig).exists():
-        print("skipped: no cluster (run e2e/deploy.sh and set KUBECONFIG)")
+    kubectl = cluster_kubectl(NAMESPACE)
+    if kubectl is None:
         return 0
-    kubectl = Kubectl(kubeconfig, binary=os.environ.get("KUBECTL", "kubectl"))
-    kubectl.run("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true")
-    kubectl.run("create", "namespace", NAMESPACE)
     times: dict[str, list[float]] = {"hostpath": [], "sidecar": []}
     try:
         for kind in times:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import sys
 import time
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kubernetes_asyncio import client, config
 
-from e2e.bench.benchlib import loadavg, machine, percentile, table
+from e2e.bench.benchlib import cluster_kubectl, loadavg, machine, percentile, table
 from e2e.tests.kube import Kubectl, wait_for
 
 NAMESPACE = "bench-webhook"
@@ -184,14 +183,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=100)
     args = parser.parse_args()
-    kubeconfig = os.environ.get("KUBECONFIG", "")
-    if not kubeconfig or not Path(kubeconfig).exists():
-        print("skipped: no cluster (run e2e/deploy.sh and set KUBECONFIG)")
+    kubectl = cluster_kubectl(NAMESPACE, BASELINE_NAMESPACE)
+    if kubectl is None:
         return 0
-    kubectl = Kubectl(kubeconfig, binary=os.environ.get("KUBECTL", "kubectl"))
-    for namespace in (NAMESPACE, BASELINE_NAMESPACE):
-        kubectl.run("delete", "namespace", namespace, "--ignore-not-found", "--wait=true")
-        kubectl.run("create", "namespace", namespace)
     kubectl.run("label", "namespace", BASELINE_NAMESPACE, "fusecsi.io/sidecar-injection=disabled")
     print(f"# {machine()}; load average at start {loadavg()}")
     try:

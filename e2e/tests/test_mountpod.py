@@ -260,14 +260,11 @@ def test_a_static_volume_with_the_builtin_client(kubectl: Kubectl, namespace: st
         kubectl.run("delete", "pv", pv_name, "--wait=true", "--timeout=60s", check=False)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("FUSECSI_E2E_JUICEFS_IMAGE"),
-    reason="no JuiceFS client image (e2e/deploy.sh builds it and sets FUSECSI_E2E_JUICEFS_IMAGE)",
-)
-def test_the_juicefs_client_formats_on_first_use_and_serves_a_subdir(
-    kubectl: Kubectl, namespace: str
-) -> None:
-    store = DATA_ROOT / "juicefs-e2e" / namespace
+def juicefs_volume(kubectl: Kubectl, namespace: str, strategy: str, path: str) -> tuple[Path, str]:
+    """A static JuiceFS PV of `strategy` bound to the claim `jfs`: SQLite metadata and a `file`
+    bucket below the root, formatted on first use; credentials only in the Secret `jfs` its
+    `nodePublishSecretRef` names. Returns (the store directory, the PV's name)."""
+    store = DATA_ROOT / f"juicefs-{strategy}-e2e" / namespace
     (store / "bucket").mkdir(parents=True)
     secret = {
         "apiVersion": "v1",
@@ -281,17 +278,17 @@ def test_the_juicefs_client_formats_on_first_use_and_serves_a_subdir(
         },
     }
     kubectl.apply(json.dumps(secret), namespace)
-    pv_name = f"jfs-{namespace}"
+    pv_name = f"jfs-{strategy.lower()}-{namespace}"
     pv = json.loads(
         static_pv_manifest(
             pv_name,
             namespace,
             "jfs",
             {
-                "strategy": "mountpod",
+                "strategy": strategy,
                 "client": "juicefs",
                 "root": "default",
-                "path": "apps/one",
+                "path": path,
                 "capacity": "1Gi",
                 "clientImage": os.environ["FUSECSI_E2E_JUICEFS_IMAGE"],
             },
@@ -299,8 +296,19 @@ def test_the_juicefs_client_formats_on_first_use_and_serves_a_subdir(
     )
     pv["spec"]["csi"]["nodePublishSecretRef"] = {"name": "jfs", "namespace": namespace}
     kubectl.apply(json.dumps(pv))
+    kubectl.apply(pvc_manifest("jfs", "", "1Gi", volume_name=pv_name), namespace)
+    return store, pv_name
+
+
+@pytest.mark.skipif(
+    not os.environ.get("FUSECSI_E2E_JUICEFS_IMAGE"),
+    reason="no JuiceFS client image (e2e/deploy.sh builds it and sets FUSECSI_E2E_JUICEFS_IMAGE)",
+)
+def test_the_juicefs_client_formats_on_first_use_and_serves_a_subdir(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    store, pv_name = juicefs_volume(kubectl, namespace, "mountpod", "apps/one")
     try:
-        kubectl.apply(pvc_manifest("jfs", "", "1Gi", volume_name=pv_name), namespace)
         kubectl.apply(json.dumps(app_pod("app", "jfs")), namespace)
         wait_running(kubectl, namespace, "app")
         kubectl.exec(namespace, "app", "echo through-juicefs > /data/hello")

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from e2e.tests.conftest import DATA_ROOT, DRIVER_NAMESPACE
+from e2e.tests.conftest import DRIVER_NAMESPACE
 from e2e.tests.kube import Kubectl, wait_for
-from e2e.tests.test_mountpod import app_pod
-from e2e.tests.test_volumes import pvc_manifest, static_pv_manifest, wait_bound, wait_running
+from e2e.tests.test_mountpod import app_pod, juicefs_volume
+from e2e.tests.test_volumes import pvc_manifest, wait_bound, wait_running
 
 STORAGE_CLASS = "fusecsi-sidecar"
 WEBHOOK = "fusecsi-sidecar-injector"
@@ -27,20 +27,27 @@ def sidecars(pod: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def host_status(pod_uid: str) -> dict[str, str]:
-    """/proc/<pid>/status of the sidecar process of a pod (found by its socket argument)."""
+def pod_processes(pod_uid: str) -> dict[int, list[bytes]]:
+    """pid -> argv of the processes of a pod on this host (found by cgroup)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"sidecar" not in argv or b"--socket" not in argv:
-                continue
             cgroup = (entry / "cgroup").read_text()
         except OSError:
             continue
         if pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup:
-            status = (entry / "status").read_text()
+            found[int(entry.name)] = argv
+    return found
+
+
+def host_status(pod_uid: str) -> dict[str, str]:
+    """/proc/<pid>/status of the sidecar process of a pod (found by its socket argument)."""
+    for pid, argv in pod_processes(pod_uid).items():
+        if b"sidecar" in argv and b"--socket" in argv:
+            status = Path(f"/proc/{pid}/status").read_text()
             return dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     raise AssertionError(f"no sidecar process of pod {pod_uid} on this host")
 
@@ -132,22 +139,6 @@ def test_with_the_webhook_down_the_pod_waits_with_an_event_saying_why(
         )
 
 
-def pod_processes(pod_uid: str) -> dict[int, list[bytes]]:
-    """pid -> argv of the processes of a pod on this host (found by cgroup)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            cgroup = (entry / "cgroup").read_text()
-        except OSError:
-            continue
-        if pod_uid.replace("-", "_") in cgroup or pod_uid in cgroup:
-            found[int(entry.name)] = argv
-    return found
-
-
 def juicefs_pids(pod_uid: str) -> list[int]:
     """The JuiceFS client processes of a pod (not the sh wrapper that runs them)."""
     return [
@@ -184,41 +175,9 @@ def test_juicefs_runs_in_a_privileged_sidecar_with_credentials_only_from_the_nod
     kubectl: Kubectl, namespace: str
 ) -> None:
     """JuiceFS cannot take a /dev/fuse fd: its sidecar mounts by itself (privileged mode)."""
-    store = DATA_ROOT / "juicefs-sidecar-e2e" / namespace
-    (store / "bucket").mkdir(parents=True)
+    store, pv_name = juicefs_volume(kubectl, namespace, "sidecar", "apps/sidecar")
     metaurl = f"sqlite3://{store}/meta.db"
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "jfs"},
-        "stringData": {
-            "name": "e2e",
-            "metaurl": metaurl,
-            "storage": "file",
-            "bucket": f"{store}/bucket/",
-        },
-    }
-    kubectl.apply(json.dumps(secret), namespace)
-    pv_name = f"jfs-sidecar-{namespace}"
-    pv = json.loads(
-        static_pv_manifest(
-            pv_name,
-            namespace,
-            "jfs",
-            {
-                "strategy": "sidecar",
-                "client": "juicefs",
-                "root": "default",
-                "path": "apps/sidecar",
-                "capacity": "1Gi",
-                "clientImage": os.environ["FUSECSI_E2E_JUICEFS_IMAGE"],
-            },
-        )
-    )
-    pv["spec"]["csi"]["nodePublishSecretRef"] = {"name": "jfs", "namespace": namespace}
-    kubectl.apply(json.dumps(pv))
     try:
-        kubectl.apply(pvc_manifest("jfs", "", "1Gi", volume_name=pv_name), namespace)
         wait_bound(kubectl, namespace, "jfs")
         kubectl.apply(json.dumps(app_pod("app", "jfs")), namespace)  # HostToContainer
         pod = wait_running(kubectl, namespace, "app")

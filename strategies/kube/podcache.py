@@ -11,9 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from strategies.kube.cluster import Cluster, Obj
-from strategies.kube.watch import Listener, WatchedCollection, namespaced_key
-
-pod_key = namespaced_key
+from strategies.kube.watch import Listener, WatchedCollection
 
 
 class NodePodCache(WatchedCollection):

@@ -290,18 +290,6 @@ def mounts_at(path: Path, table: list[MountEntry] | None = None) -> list[MountEn
     return [entry for entry in table if entry.mount_point == where]
 
 
-def containing_mount(path: Path, table: list[MountEntry] | None = None) -> MountEntry | None:
-    """The mount `path` lives on: the top mount of the longest mount point above it."""
-    best: MountEntry | None = None
-    for entry in table if table is not None else mount_table():
-        point = Path(entry.mount_point)
-        if path.is_relative_to(point) and (
-            best is None or len(point.parts) >= len(Path(best.mount_point).parts)
-        ):
-            best = entry
-    return best
-
-
 def mounted_at(path: Path, table: list[MountEntry] | None = None) -> MountEntry | None:
     """The top mount on `path`, or None when `path` is not a mount point."""
     stacked = mounts_at(path, table)
